@@ -1,0 +1,420 @@
+"""Per-step cost of weight EMA in ``keras.Model.fit``, for one Keras backend.
+
+Four modes are timed on synthetic data, for several model shapes:
+
+* ``none``: plain ``fit`` with Adam, no EMA;
+* ``builtin``: Keras' own optimizer flag, ``Adam(use_ema=True, ema_momentum=0.999)``;
+* ``keras_ema``: ``keras_ema.EMA(update_every=1, update_after_step=0)`` as a callback;
+* ``keras_ema_every10``: the same with ``update_every=10``.
+
+Each measurement builds and compiles a fresh model (same seed), runs a short warm-up
+``fit`` (so that tracing and compilation are not timed), then times one ``fit`` of
+``N`` steps (``epochs=1``, data sized to exactly ``N`` batches, ``verbose=0``) with
+``time.perf_counter`` and reports ``elapsed / N``. The clock stops after ``fit`` has
+returned and the backend's queued work is done (on JAX, every array the model, its
+optimizer and the callback hold is blocked on; TensorFlow and torch run synchronously
+on CPU). So the time includes ``fit``'s own fixed costs (data adapter, callbacks'
+``on_train_begin/end``, Keras' ``finalize_variable_values`` for the built-in EMA),
+spread over ``N`` steps.
+
+The modes are interleaved (none, builtin, keras_ema, keras_ema_every10, none, ...)
+for ``--repeats`` rounds and the minimum ms/step of each mode is kept; the ratios
+are computed from those minima.
+
+Memory is reported in two ways. Always: ``state_bytes``, the bytes held in the
+optimizer's variables plus the bytes held in the EMA callback's variables/arrays
+after the timed ``fit`` (float32 = 4 bytes per element), which shows the EMA's shadow
+copy exactly (``state_bytes[mode] - state_bytes["none"]``). With ``--rss``: for each
+mode, one child process builds the model and runs the warm-up and one timed ``fit``,
+and reports the growth of its peak resident set (``ru_maxrss`` at the end minus the
+resident set just before the model was built). That includes compilation memory and
+allocator noise, so read it only for big differences (the ``big_mlp`` shadow is ~45 MB).
+
+Usage (one backend per process)::
+
+    KERAS_BACKEND=jax python benchmarks/overhead.py [--quick] [--shapes a,b]
+        [--repeats 5] [--rss] [--json-out results.jsonl]
+
+Every shape prints a table row per mode and one line ``JSON {...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # the environment must be set before this import
+
+MODES: tuple[str, ...] = ("none", "builtin", "keras_ema", "keras_ema_every10")
+LEARNING_RATE = 1e-3
+BUILTIN_MOMENTUM = 0.999
+WARMUP_STEPS = 12  # covers a keras_ema_every10 averaging step (step 10) as well
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A benchmark model: how to build it, its data and its step counts."""
+
+    name: str
+    build: Callable[[], keras.Model]
+    input_shape: tuple[int, ...]
+    classes: int  # 0: regression with one output and MSE
+    batch: int
+    steps: int
+    quick_steps: int
+
+    @property
+    def loss(self) -> str:
+        """The loss the model is compiled with."""
+        return "sparse_categorical_crossentropy" if self.classes else "mse"
+
+
+def _mlp(inputs: int, widths: list[int], outputs: int, dropout: float = 0.0) -> keras.Model:
+    """A ReLU MLP with the given hidden widths and a linear head."""
+    x = inp = keras.Input((inputs,))
+    for width in widths:
+        x = keras.layers.Dense(width, activation="relu")(x)
+        if dropout:
+            x = keras.layers.Dropout(dropout)(x)
+    return keras.Model(inp, keras.layers.Dense(outputs)(x))
+
+
+def _article_mlp() -> keras.Model:
+    """The article's regression MLP: 20-64-32-1 with dropout 0.2."""
+    return _mlp(20, [64, 32], 1, dropout=0.2)
+
+
+def _deep_mlp() -> keras.Model:
+    """Many small variables: 40 Dense layers of 64 units (82 variables)."""
+    return _mlp(64, [64] * 39, 1)
+
+
+def _wide_mlp() -> keras.Model:
+    """Few large variables: 4 Dense layers of 1024 units (~4.2M parameters)."""
+    return _mlp(1024, [1024] * 3, 1024)
+
+
+def _big_mlp() -> keras.Model:
+    """Over 10M parameters in three large Dense layers."""
+    return _mlp(256, [2048, 4096, 512], 10)
+
+
+def _conv_bn() -> keras.Model:
+    """A small conv net with BatchNormalization (non-trainable moving statistics)."""
+    x = inp = keras.Input((32, 32, 3))
+    for filters in (16, 32, 64):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(64, activation="relu")(x)
+    return keras.Model(inp, keras.layers.Dense(10, activation="softmax")(x))
+
+
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        Shape("article_mlp", _article_mlp, (20,), 0, 32, 300, 100),
+        Shape("deep_mlp", _deep_mlp, (64,), 0, 32, 150, 50),
+        Shape("wide_mlp", _wide_mlp, (1024,), 0, 32, 60, 20),
+        Shape("conv_bn", _conv_bn, (32, 32, 3), 10, 32, 40, 15),
+        Shape("big_mlp", _big_mlp, (256,), 10, 16, 30, 12),
+    )
+}
+
+
+def make_data(shape: Shape, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic inputs and targets for exactly ``steps`` batches."""
+    rng = np.random.default_rng(SEED)
+    n = steps * shape.batch
+    x = rng.standard_normal((n, *shape.input_shape), dtype=np.float32)
+    if shape.classes:
+        y = rng.integers(0, shape.classes, size=(n,)).astype(np.int32)
+    else:
+        y = rng.standard_normal((n, 1), dtype=np.float32)
+    return x, y
+
+
+def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
+    """The callbacks a mode passes to ``fit`` (the EMA callback, if any)."""
+    if mode == "keras_ema":
+        import keras_ema
+
+        return [keras_ema.EMA(update_every=1, update_after_step=0)]
+    if mode == "keras_ema_every10":
+        import keras_ema
+
+        return [keras_ema.EMA(update_every=10, update_after_step=0)]
+    return []
+
+
+def build_model(shape: Shape, mode: str) -> keras.Model:
+    """A freshly built and compiled model (same seed for every mode)."""
+    keras.utils.set_random_seed(SEED)
+    model = shape.build()
+    if mode == "builtin":
+        optimizer = keras.optimizers.Adam(
+            LEARNING_RATE, use_ema=True, ema_momentum=BUILTIN_MOMENTUM
+        )
+    else:
+        optimizer = keras.optimizers.Adam(LEARNING_RATE)
+    model.compile(optimizer=optimizer, loss=shape.loss)
+    return model
+
+
+def _leaves(obj: Any, depth: int = 3) -> Iterator[Any]:
+    """Keras variables and backend arrays reachable from ``obj`` (a few levels deep)."""
+    if isinstance(obj, keras.Variable) or keras.ops.is_tensor(obj):
+        yield obj
+    elif depth and isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _leaves(item, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _leaves(item, depth - 1)
+
+
+def callback_arrays(callbacks: list[keras.callbacks.Callback]) -> list[Any]:
+    """Variables and arrays held in the callbacks' attributes (not the model's)."""
+    found: dict[int, Any] = {}
+    for callback in callbacks:
+        for name, value in vars(callback).items():
+            if name in ("_model", "model"):
+                continue
+            for leaf in _leaves(value):
+                found[id(leaf)] = leaf
+    return list(found.values())
+
+
+def _nbytes(array: Any) -> int:
+    """Bytes of one Keras variable or backend array."""
+    size = int(np.prod(array.shape)) if array.shape else 1
+    return size * np.dtype(keras.backend.standardize_dtype(array.dtype)).itemsize
+
+
+def state_bytes(model: keras.Model, callbacks: list[keras.callbacks.Callback]) -> int:
+    """Bytes held by the optimizer's variables and the callbacks' arrays."""
+    arrays = list(model.optimizer.variables) + callback_arrays(callbacks)
+    return sum(_nbytes(a) for a in arrays)
+
+
+def wait_for_device(model: keras.Model, callbacks: list[keras.callbacks.Callback]) -> None:
+    """Block until the backend has finished all work queued for the model's state."""
+    if keras.backend.backend() != "jax":
+        return  # TensorFlow and torch execute synchronously on CPU
+    import jax
+
+    arrays = list(model.variables) + list(model.optimizer.variables)
+    arrays += callback_arrays(callbacks)
+    values = [a.value if isinstance(a, keras.Variable) else a for a in arrays]
+    jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
+
+
+def unalias_builtin_ema(model: keras.Model) -> None:
+    """Give the model's weights their own buffers after a built-in-EMA ``fit`` on JAX.
+
+    ``finalize_variable_values`` at the end of ``fit`` assigns each EMA variable to
+    its model variable; on JAX both then share one buffer, which the next train step
+    donates, and a second ``fit`` fails. Copying the model's weights avoids that.
+    """
+    if keras.backend.backend() == "jax" and model.optimizer.use_ema:
+        for variable in model.trainable_variables:
+            variable.assign(keras.ops.copy(variable.value))
+
+
+def _fit(model: keras.Model, shape: Shape, data: tuple[np.ndarray, np.ndarray],
+         callbacks: list[keras.callbacks.Callback]) -> None:
+    """One epoch over ``data``, no shuffling, no output."""
+    x, y = data
+    model.fit(x, y, batch_size=shape.batch, epochs=1, shuffle=False, verbose=0,
+              callbacks=callbacks)
+
+
+def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
+    """Build, warm up, then time one ``fit`` of ``steps`` steps; ms per step and bytes."""
+    model = build_model(shape, mode)
+    callbacks = make_callbacks(mode)
+    _fit(model, shape, make_data(shape, WARMUP_STEPS), callbacks)
+    wait_for_device(model, callbacks)
+    unalias_builtin_ema(model)
+    data = make_data(shape, steps)
+    start = time.perf_counter()
+    _fit(model, shape, data, callbacks)
+    wait_for_device(model, callbacks)
+    elapsed = time.perf_counter() - start
+    return {
+        "ms_per_step": 1000.0 * elapsed / steps,
+        "params": model.count_params(),
+        "trainable_params": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
+        "variables": len(model.variables),
+        "state_bytes": state_bytes(model, callbacks),
+    }
+
+
+def _current_rss_kib() -> int:
+    """The process's resident set now, in KiB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def rss_child(shape_name: str, mode: str, steps: int) -> None:
+    """In a child process: peak-RSS growth (KiB) of one full measurement, as JSON."""
+    before = _current_rss_kib()
+    measure(SHAPES[shape_name], mode, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    print(json.dumps({"rss_growth_kib": peak - before}))
+
+
+def measure_rss(shape: Shape, mode: str, steps: int) -> float:
+    """Peak-RSS growth in MiB of one measurement, run in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--rss-child",
+           f"{shape.name}:{mode}:{steps}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    line = [s for s in out.splitlines() if s.startswith("{")][-1]
+    return json.loads(line)["rss_growth_kib"] / 1024.0
+
+
+def run_shape(shape: Shape, modes: list[str], repeats: int, steps: int,
+              rss: bool) -> dict[str, Any]:
+    """Interleave the modes ``repeats`` times; keep the minimum ms/step per mode."""
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    info: dict[str, dict[str, Any]] = {}
+    for _ in range(repeats):
+        for mode in modes:
+            info[mode] = measure(shape, mode, steps)
+            times[mode].append(info[mode]["ms_per_step"])
+    best = {m: min(t) for m, t in times.items()}
+    first = info[modes[0]]
+    result: dict[str, Any] = {
+        "backend": keras.backend.backend(),
+        "shape": shape.name,
+        "params": first["params"],
+        "trainable_params": first["trainable_params"],
+        "variables": first["variables"],
+        "batch": shape.batch,
+        "steps": steps,
+        "repeats": repeats,
+        "ms_per_step": best,
+        "ms_per_step_all": times,
+        "state_bytes": {m: info[m]["state_bytes"] for m in modes},
+    }
+    result.update(_ratios(best))
+    if rss:
+        result["rss_growth_mib"] = {m: measure_rss(shape, m, steps) for m in modes}
+    return result
+
+
+def _ratios(best: dict[str, float]) -> dict[str, float]:
+    """The overhead ratios computable from the modes that were run."""
+    pairs = {
+        "keras_ema_over_builtin": ("keras_ema", "builtin"),
+        "keras_ema_over_none": ("keras_ema", "none"),
+        "builtin_over_none": ("builtin", "none"),
+        "every10_over_none": ("keras_ema_every10", "none"),
+    }
+    return {k: best[a] / best[b] for k, (a, b) in pairs.items() if a in best and b in best}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """A readable table of one shape's result."""
+    none_bytes = result["state_bytes"].get("none", 0)
+    print(f"\n[{result['backend']}] {result['shape']}: {result['params']:,} params, "
+          f"{result['variables']} variables, batch {result['batch']}, "
+          f"{result['steps']} steps x {result['repeats']} repeats")
+    header = f"  {'mode':<18} {'min ms/step':>12} {'all ms/step':<40} {'EMA state MiB':>13}"
+    if "rss_growth_mib" in result:
+        header += f" {'peak RSS +MiB':>13}"
+    print(header)
+    for mode, best in result["ms_per_step"].items():
+        runs = " ".join(f"{t:.3f}" for t in result["ms_per_step_all"][mode])
+        extra = (result["state_bytes"][mode] - none_bytes) / 2**20
+        line = f"  {mode:<18} {best:>12.4f} {runs:<40} {extra:>13.2f}"
+        if "rss_growth_mib" in result:
+            line += f" {result['rss_growth_mib'][mode]:>13.1f}"
+        print(line)
+    ratios = ", ".join(f"{k} = {result[k]:.4f}" for k in _ratios(result["ms_per_step"]))
+    print(f"  {ratios}")
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine facts recorded with the results."""
+    env = {"python": platform.python_version(), "keras": keras.__version__,
+           "backend": keras.backend.backend(), "cpus": str(os.cpu_count()),
+           "machine": platform.machine()}
+    backend_module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+    module = __import__(backend_module[keras.backend.backend()])
+    env[keras.backend.backend()] = module.__version__
+    return env
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated subset of: {', '.join(SHAPES)}")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of: {', '.join(MODES)}")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="interleaved rounds per shape; the minimum is kept (default 5)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="timed steps per fit (default: per shape)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer steps and 3 repeats (a smoke run, noisier)")
+    parser.add_argument("--rss", action="store_true",
+                        help="also measure peak-RSS growth, one child process per mode")
+    parser.add_argument("--json-out", default="",
+                        help="append the JSON lines to this file")
+    parser.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected shapes and modes; print tables and JSON lines."""
+    args = parse_args(argv)
+    if args.rss_child:
+        name, mode, steps = args.rss_child.split(":")
+        rss_child(name, mode, int(steps))
+        return 0
+    shapes = [SHAPES[s] for s in args.shapes.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or args.repeats < 1:
+        raise SystemExit(f"bad --modes {unknown} or --repeats {args.repeats}")
+    env = environment()
+    print("environment: " + json.dumps(env))
+    for shape in shapes:
+        steps = args.steps or (shape.quick_steps if args.quick else shape.steps)
+        start = time.perf_counter()
+        result = run_shape(shape, modes, args.repeats, steps, args.rss)
+        result["environment"] = env
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        print_table(result)
+        line = json.dumps(result)
+        print("JSON " + line, flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

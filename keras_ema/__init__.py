@@ -1,0 +1,8 @@
+"""keras-ema: an exponential moving average of Keras 3 weights, as a callback."""
+
+from keras_ema.callback import EMA
+from keras_ema.schedule import WarmupSchedule
+
+__version__ = "0.1.0"
+
+__all__ = ["EMA", "WarmupSchedule", "__version__"]

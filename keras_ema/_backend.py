@@ -1,0 +1,536 @@
+"""Backend-specific code, all in one place.
+
+Everything else in `keras_ema` is written with `keras.ops`. This module holds
+what cannot be: buffer copies and layouts, and how the fused update is placed
+inside each backend's compiled train step.
+
+- TensorFlow: the model's `train_step` is wrapped so the update is traced
+  into the same `tf.function` (and into every inner step when
+  `steps_per_execution > 1`).
+- JAX: Keras' train step is a pure function of an explicit, donated state.
+  The EMA state is threaded beside it through one `jax.jit` that runs the
+  model's `train_step` and then the update, so no shadow ever aliases a model
+  buffer.
+- torch: the shadows are views into one flat buffer per dtype, so the update
+  after the eager train step is a handful of whole-buffer ops whatever the
+  number of variables, with the schedule decided on the host (no device sync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+from keras import ops
+
+from keras_ema import _internals
+
+BACKEND = keras.backend.backend()
+
+
+# --------------------------------------------------------------------------
+# Buffers
+
+
+def fresh_copy(value, dtype: str):
+    """A copy of `value` cast to `dtype` that shares no buffer with it."""
+    if BACKEND == "jax":
+        import jax.numpy as jnp
+
+        return jnp.array(value, dtype=dtype, copy=True)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.identity(tf.cast(tf.convert_to_tensor(value), dtype))
+    if BACKEND == "torch":
+        import torch
+
+        return value.detach().to(dtype=getattr(torch, dtype), copy=True)
+    return ops.copy(ops.cast(value, dtype))
+
+
+def read(variable):
+    """The variable's value now, as a tensor (an explicit read on TF, where a
+    variable used as a tensor is only read when an op consumes it)."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.identity(variable.value)
+    return variable.value
+
+
+def snapshot(variable):
+    """The current value of a variable, safe from later in-place writes."""
+    if BACKEND == "jax":
+        return variable.value  # assign() rebinds; the array itself never changes
+    return fresh_copy(variable.value, keras.backend.standardize_dtype(variable.dtype))
+
+
+def restore(variable, value) -> None:
+    """Writes a snapshot back, bit for bit (no arithmetic, same dtype)."""
+    variable.assign(value)
+
+
+def variable_scope(model):
+    """Where shadows must be created so they are laid out like the weights."""
+    if BACKEND == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        if strategy is not None:
+            return strategy.scope()
+    return contextlib.nullcontext()
+
+
+def variable_aggregation() -> str:
+    # Every replica computes the same EMA from the same mirrored weights.
+    return "only_first_replica" if BACKEND == "tensorflow" else "none"
+
+
+def match_layout(shadow, weight) -> None:
+    """Places a shadow exactly like its weight (same device or sharding)."""
+    if BACKEND == "jax":
+        import jax
+
+        sharding = getattr(weight.value, "sharding", None)
+        if sharding is not None:
+            shadow._layout = getattr(weight, "_layout", None)
+            shadow._value = jax.device_put(shadow._value, sharding)
+    elif BACKEND == "torch":
+        device = weight.value.device
+        if shadow.value.device != device:
+            shadow._value = shadow._value.to(device)
+
+
+# --------------------------------------------------------------------------
+# EMA state held outside the variables while training
+
+
+class LiveValues:
+    """Where the EMA state lives between reads (base: in the variables).
+
+    `sync_to_variables()` makes the shadow and counter `keras.Variable`s
+    current; `invalidate()` tells the owner the variables were written from
+    outside (a loaded state, a copy) and must be re-read.
+    """
+
+    def __init__(self, state):
+        self._state = state
+
+    def sync_to_variables(self) -> None:
+        pass
+
+    def invalidate(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.sync_to_variables()
+        self.invalidate()
+
+
+class _JaxLiveValues(LiveValues):
+    """During a JAX `fit`, the EMA state lives in arrays the loop donates."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._arrays = None
+
+    def arrays(self) -> list:
+        if self._arrays is None:
+            self._arrays = [
+                fresh_copy(v.value, keras.backend.standardize_dtype(v.dtype))
+                for v in self._state.state_variables
+            ]
+        return self._arrays
+
+    def set_arrays(self, arrays: list) -> None:
+        self._arrays = arrays
+
+    def sync_to_variables(self) -> None:
+        if self._arrays is None:
+            return
+        # Copies: the arrays stay the loop's to donate.
+        for variable, array in zip(self._state.state_variables, self._arrays):
+            variable.assign(fresh_copy(array, array.dtype))
+
+    def invalidate(self) -> None:
+        self._arrays = None
+
+
+class _TorchLiveValues(LiveValues):
+    """On torch the counters live on the host, inside the `TorchKernel`."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.kernel = TorchKernel(state)
+
+    def sync_to_variables(self) -> None:
+        self._state.step.assign(self.kernel.step_value)
+        self._state.initialized.assign(int(self.kernel.initialized))
+
+    def invalidate(self) -> None:
+        self.kernel.read_counters()
+
+
+def live_values(state) -> LiveValues:
+    if BACKEND == "jax":
+        return _JaxLiveValues(state)
+    if BACKEND == "torch":
+        return _TorchLiveValues(state)
+    return LiveValues(state)
+
+
+# --------------------------------------------------------------------------
+# The fused update inside `fit`
+
+
+def _optimizer_step_gate(optimizer):
+    """How to tell, inside a train step, whether the weights really moved.
+
+    Returns `(iterations_variable, accumulation_steps)`; the weights moved in
+    a step when the iteration counter advanced and, under gradient
+    accumulation, reached a multiple of the accumulation steps.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return optimizer.iterations, getattr(inner, "gradient_accumulation_steps", None)
+
+
+def _real_step(before, after, accumulation_steps):
+    moved = ops.greater(after, before)
+    if accumulation_steps:
+        moved = ops.logical_and(moved, ops.equal(ops.mod(after, accumulation_steps), 0))
+    return moved
+
+
+def _ema_logs(logs, counters, decay) -> dict:
+    logs = dict(logs)
+    logs["ema_decay"] = decay
+    logs["ema_skipped"] = counters[2]
+    return logs
+
+
+class _FusedTraining:
+    """Installs the EMA update in a model's training and takes it out again."""
+
+    def __init__(self, state):
+        self.state = state
+        self.model = state.model
+        self._keras_train_function = None
+        self._fused_train_function = None
+
+    @property
+    def installed(self) -> bool:
+        return (
+            self._fused_train_function is not None
+            and self.model.train_function is self._fused_train_function
+        )
+
+    def install(self) -> None:
+        current = self.model.train_function
+        if current is self._fused_train_function and current is not None:
+            return
+        self._keras_train_function = current
+        self._fused_train_function = self._build()
+        self.model.train_function = self._fused_train_function
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self.model.train_function = self._keras_train_function
+        self._restore_model()
+        self.state.live.release()
+
+    def _build(self):
+        raise NotImplementedError
+
+    def _restore_model(self) -> None:
+        pass
+
+
+class _TensorFlowTraining(_FusedTraining):
+    def _build(self):
+        state, model = self.state, self.model
+        iterations, accumulation = _optimizer_step_gate(model.optimizer)
+        keras_train_step = model.train_step
+
+        def train_step(data):
+            before = read(iterations)
+            logs = keras_train_step(data)
+            real = _real_step(before, read(iterations), accumulation)
+            counters, decay = _assign_update(state, real)
+            return _ema_logs(logs, counters, decay)
+
+        # The wrapped step is traced into Keras' own tf.function (once per
+        # inner step when steps_per_execution > 1).
+        model.train_step = train_step
+        try:
+            model.make_train_function(force=True)
+        finally:
+            del model.train_step
+        return model.train_function
+
+
+def _assign_update(state, real):
+    """The fused update applied to the variables, for TF graphs and eager."""
+    from keras_ema.shadow import fused_update
+
+    counters = [read(v) for v in state.counters]
+    shadows = [read(v) for v in state.shadows]
+    weights = [read(w) for w in state.weights]
+    counters, shadows, decay = fused_update(
+        state.schedule, state.kinds, counters, shadows, weights, real
+    )
+    for variable, value in zip(state.state_variables, [*counters, *shadows]):
+        variable.assign(value)
+    return counters, decay
+
+
+class _JaxTraining(_FusedTraining):
+    def _build(self):
+        import jax
+
+        from keras_ema.shadow import fused_update
+
+        state, model = self.state, self.model
+        iterations, accumulation = _optimizer_step_gate(model.optimizer)
+        locate = _jax_state_locator(model, state.weights)
+        iterations_index = _index_of(model.optimizer.variables, iterations)
+        keras_train_step = model.train_step
+
+        def fused_step(keras_state, ema_arrays, data):
+            before = keras_state[2][iterations_index]
+            logs, keras_state = keras_train_step(keras_state, data)
+            real = _real_step(before, keras_state[2][iterations_index], accumulation)
+            counters, shadows, decay = fused_update(
+                state.schedule,
+                state.kinds,
+                ema_arrays[:3],
+                ema_arrays[3:],
+                locate(keras_state),
+                real,
+            )
+            logs = _ema_logs(logs, counters, decay)
+            return logs, keras_state, [*counters, *shadows]
+
+        if not model.run_eagerly and model.jit_compile:
+            out_shardings = _internals.jax_train_out_shardings(model)
+            if out_shardings is not None:
+                ema_shardings = [a.sharding for a in state.live.arrays()]
+                out_shardings = (*out_shardings, ema_shardings)
+            fused_step = jax.jit(
+                fused_step, donate_argnums=(0, 1), out_shardings=out_shardings
+            )
+        steps_per_execution = model.steps_per_execution
+        live = state.live
+
+        def train_function(keras_state, iterator):
+            logs = None
+            for index in range(steps_per_execution):
+                try:
+                    data = next(iterator)
+                except StopIteration:
+                    if index == 0:
+                        raise
+                    break
+                logs, keras_state, arrays = fused_step(keras_state, live.arrays(), data)
+                live.set_arrays(arrays)
+            return logs, keras_state
+
+        return train_function
+
+
+def _index_of(variables, target) -> int:
+    for index, variable in enumerate(variables):
+        if variable is target:
+            return index
+    raise ValueError(f"Variable {target.path!r} is not among the optimizer's.")
+
+
+def _jax_state_locator(model, weights):
+    """Maps the tracked weights to their slots in Keras' JAX train state."""
+    slots = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+    slots.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
+    positions = [slots[id(w)] for w in weights]
+
+    def locate(keras_state):
+        return [keras_state[group][index] for group, index in positions]
+
+    return locate
+
+
+class _TorchTraining(_FusedTraining):
+    def _build(self):
+        model = self.model
+        keras_train_function = self._keras_train_function
+        kernel = self.state.live.kernel
+        accumulation = _optimizer_step_gate(model.optimizer)[1]
+        calls = [0]
+
+        def train_function(data):
+            logs = keras_train_function(data)
+            calls[0] += 1
+            real = not accumulation or calls[0] % accumulation == 0
+            decay = kernel.step(real)
+            return _ema_logs(logs, (None, None, self.state.skipped.value), decay)
+
+        return train_function
+
+
+class TorchKernel:
+    """The article's `update()` on torch with the schedule kept on the host.
+
+    Counters are mirrored as Python ints (written to the counter variables
+    after each update, a host-to-device copy that never waits on the device);
+    only the non-finite check is decided on the device.
+    """
+
+    def __init__(self, state):
+        import torch
+
+        from keras_ema.shadow import Kind
+
+        self.torch = torch
+        self.state = state
+        self.read_counters()
+        self.flat = _flat_shadows(state)
+        self.views = [w.value.reshape(-1) for w in state.weights]
+        kinds = state.kinds
+        self.segments = {
+            kind: _segment(self.flat, state, [k == kind for k in kinds])
+            for kind in Kind
+        }
+
+    def read_counters(self) -> None:
+        self.step_value = int(ops.convert_to_numpy(self.state.step))
+        self.initialized = bool(ops.convert_to_numpy(self.state.initialized))
+
+    def step(self, real: bool = True) -> float:
+        from keras_ema.shadow import Kind
+
+        schedule = self.state.schedule
+        step = self.step_value
+        if not real:
+            return schedule.decay(step)
+        self.step_value = step + 1
+        due = step % schedule.update_every == 0
+        if due:
+            warm = step <= schedule.update_after_step
+            copy_all = warm or not self.initialized
+            decay = schedule.decay(step + 1)
+            weights = {
+                Kind.AVERAGE: 1.0 if copy_all else 1.0 - decay,
+                Kind.COPY: 1.0,
+                Kind.IGNORE: 1.0 if copy_all else 0.0,
+            }
+            self._blend(weights)
+            if not warm:
+                self.initialized = True
+        return schedule.decay(self.step_value)
+
+    def _blend(self, weights) -> None:
+        torch = self.torch
+        with torch.no_grad():
+            online = torch.cat(self.views).to(self.flat.dtype)
+            finite = torch.isfinite(online).all()
+            moved = torch.empty_like(self.flat)
+            for kind, (start, stop) in self.segments.items():
+                if start == stop:
+                    continue
+                torch.lerp(
+                    self.flat[start:stop],
+                    online[start:stop],
+                    weights[kind],
+                    out=moved[start:stop],
+                )
+            torch.where(finite, moved, self.flat, out=self.flat)
+            self.state.skipped.value.add_((~finite).to(torch.int32))
+
+
+def _flat_shadows(state):
+    """Re-homes the shadows as views of one flat buffer, ordered by kind."""
+    import torch
+
+    order = sorted(range(len(state.shadows)), key=lambda i: int(state.kinds[i]))
+    dtypes = {state.shadows[i].value.dtype for i in order}
+    devices = {state.shadows[i].value.device for i in order}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise ValueError(
+            "On the torch backend all EMA shadows must share one dtype and "
+            f"device. Received dtypes={dtypes}, devices={devices}."
+        )
+    flat = torch.cat([state.shadows[i].value.detach().reshape(-1) for i in order])
+    offset = 0
+    state.flat_order = order
+    for i in order:
+        shadow = state.shadows[i]
+        size = shadow.value.numel()
+        view = flat[offset : offset + size].view(shadow.value.shape)
+        shadow._value = torch.nn.Parameter(view, requires_grad=False)
+        offset += size
+    return flat
+
+
+def _segment(flat, state, mask) -> tuple[int, int]:
+    sizes = [state.shadows[i].value.numel() for i in state.flat_order]
+    chosen = [i for i, j in enumerate(state.flat_order) if mask[j]]
+    if not chosen:
+        return 0, 0
+    start = sum(sizes[: chosen[0]])
+    return start, start + sum(sizes[i] for i in chosen)
+
+
+def fused_training(state) -> _FusedTraining:
+    return {
+        "tensorflow": _TensorFlowTraining,
+        "jax": _JaxTraining,
+        "torch": _TorchTraining,
+    }[BACKEND](state)
+
+
+# --------------------------------------------------------------------------
+# One update outside `fit`
+
+
+class EagerUpdater:
+    """`EMA.update()`: one step outside `fit`, compiled once where possible."""
+
+    def __init__(self, state):
+        self.state = state
+        self._function = None
+
+    def __call__(self) -> None:
+        if self._function is None:
+            self._function = self._build()
+        self._function()
+
+    def _build(self):
+        state = self.state
+        if BACKEND == "torch":
+            return state.live.kernel.step
+        if BACKEND == "tensorflow":
+            import tensorflow as tf
+
+            return tf.function(lambda: _assign_update(state, None)[0], autograph=False)
+        if BACKEND == "jax":
+            import jax
+
+            from keras_ema.shadow import fused_update
+
+            def pure(arrays, weights):
+                counters, shadows, _ = fused_update(
+                    state.schedule, state.kinds, arrays[:3], arrays[3:], weights
+                )
+                return [*counters, *shadows]
+
+            jitted = jax.jit(pure, donate_argnums=0)
+
+            def run():
+                state.live.release()
+                weights = [w.value for w in state.weights]
+                arrays = [
+                    fresh_copy(v.value, keras.backend.standardize_dtype(v.dtype))
+                    for v in state.state_variables
+                ]
+                new_arrays = jitted(arrays, weights)
+                for variable, array in zip(state.state_variables, new_arrays):
+                    variable.assign(array)
+
+            return run
+        return lambda: _assign_update(state, None)

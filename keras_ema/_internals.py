@@ -1,0 +1,62 @@
+"""The private Keras internals `keras_ema` relies on, wrapped in one place.
+
+Each function names the Keras attribute it touches and why no public route
+exists. The supported Keras range is pinned in `pyproject.toml`, and
+`tests/test_internals.py` checks every one of them against the installed
+Keras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+
+# `fit` runs its validation as `self.evaluate(..., _use_cached_eval_dataset=True)`
+# (keras/src/backend/*/trainer.py). That keyword is the only way to tell the
+# validation pass inside `fit` from a user's `evaluate`, and to evaluate the
+# same validation data again with the EMA weights.
+CACHED_EVAL_KWARG = "_use_cached_eval_dataset"
+
+
+def is_fit_validation(kwargs: dict) -> bool:
+    return bool(kwargs.get(CACHED_EVAL_KWARG, False))
+
+
+def wrap_evaluate(model, wrapper: Callable) -> Callable:
+    """Shadows `model.evaluate` with `wrapper(keras_evaluate, *args, **kw)`.
+
+    `fit` calls `self.evaluate` for validation; an instance attribute is the
+    only hook that runs before `fit` builds the epoch logs, so that
+    `val_ema_*` reach every callback's `on_epoch_end`.
+    Returns the function that undoes it.
+    """
+    keras_evaluate = type(model).evaluate.__get__(model)
+
+    def evaluate(*args, **kwargs):
+        return wrapper(keras_evaluate, *args, **kwargs)
+
+    model.evaluate = evaluate
+
+    def unwrap() -> None:
+        if model.__dict__.get("evaluate") is evaluate:
+            del model.__dict__["evaluate"]
+
+    return unwrap
+
+
+def jax_train_out_shardings(model):
+    """Keras' `out_shardings` for the JAX train step, or `None`.
+
+    Mirrors `JAXTrainer.make_train_function`, which uses the private
+    `_get_state_sharding_spec()` under a `keras.distribution`.
+    """
+    from keras.src.distribution import distribution_lib
+
+    if distribution_lib.distribution() is None:
+        return None
+    return (None, model._get_state_sharding_spec())
+
+
+def keras_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in keras.__version__.split(".")[:3] if p.isdigit())

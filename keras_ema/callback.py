@@ -1,0 +1,340 @@
+"""The `EMA` callback."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import keras
+from keras import ops
+
+from keras_ema import _backend
+from keras_ema import _internals
+from keras_ema.schedule import WarmupSchedule
+from keras_ema.shadow import ShadowState
+from keras_ema.shadow import check_names
+
+
+class EMA(keras.callbacks.Callback):
+    """Keeps an exponential moving average (EMA) of a model's weights.
+
+    The average uses the inverse-gamma warm-up of ema-pytorch: for the first
+    `update_after_step` steps the EMA copies the online weights; afterwards
+    each update moves it towards them with the decay
+    `1 - (1 + e / inv_gamma) ** -power`, clamped to `[min_value, beta]`, where
+    `e` counts the steps since the warm-up. With `inv_gamma=1, power=1` it is
+    a plain running average; `power=2/3` reaches 0.999 after about 31.6k
+    steps and 0.9999 after about 1M, `power=3/4` after about 10k and 215k.
+
+    Every floating-point weight of the model is averaged, trainable or not
+    (BatchNormalization statistics included), in a float32 shadow (float64
+    for float64 weights). During `fit` the update runs inside the compiled
+    train step, once per optimizer step (so under gradient accumulation it
+    counts real weight updates). An update is skipped, and counted in the
+    `ema_skipped` log, if any online weight is NaN or infinite.
+
+    In `fit` the callback logs `ema_decay` and `ema_skipped`, and with
+    validation data a `val_ema_<name>` beside every `val_<name>`, computed on
+    the same validation data with the EMA weights. These keys reach every
+    other callback. Monitor them with an explicit `mode="min"` or
+    `mode="max"`: `EarlyStopping` cannot infer the direction from the name.
+
+    Passed to `evaluate` or `predict`, the callback runs them with the EMA
+    weights. The model always gets its online weights back, bit for bit,
+    after `fit`, `evaluate`, `predict` or `swap_weights()`, also after an
+    exception.
+
+    Example:
+
+    >>> ema = keras_ema.EMA(beta=0.999, update_after_step=100, update_every=1)
+    >>> early_stopping = keras.callbacks.EarlyStopping(
+    ...     monitor="val_ema_loss", mode="min", patience=20
+    ... )
+    >>> model.fit(x, y, validation_data=(x_val, y_val), epochs=100,
+    ...           callbacks=[ema, early_stopping])
+    >>> model.evaluate(x_val, y_val, callbacks=[ema])  # EMA weights
+    >>> with ema.swap_weights():
+    ...     model.save("ema_model.keras")
+
+    Args:
+        beta: The largest decay, in `[0, 1]`. Defaults to `0.9999`.
+        update_after_step: Number of steps during which the EMA only copies
+            the online weights. Defaults to `100`.
+        update_every: Update on every `update_every`-th optimizer step.
+            Defaults to `10`.
+        inv_gamma: Inverse multiplicative factor of the warm-up, `> 0`.
+            Defaults to `1.0`.
+        power: Exponent of the warm-up, `> 0`. Defaults to `2/3`.
+        min_value: The smallest decay, in `[0, beta]`. Defaults to `0.0`.
+        param_or_buffer_names_no_ema: Weight paths (as `variable.path`, e.g.
+            `"sequential/dense/kernel"`) copied at every update instead of
+            averaged. Defaults to `()`.
+        ignore_names: Weight paths left alone once the warm-up is over.
+            Defaults to `()`.
+        ignore_startswith_names: Weight path prefixes left alone once the
+            warm-up is over. Defaults to `()`.
+
+    References:
+        - Karras et al., 2024, "Analyzing and Improving the Training Dynamics
+          of Diffusion Models" (post-hoc EMA and the decay schedule's role).
+        - lucidrains/ema-pytorch, `EMA` (the warm-up schedule and filters).
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.9999,
+        update_after_step: int = 100,
+        update_every: int = 10,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        min_value: float = 0.0,
+        param_or_buffer_names_no_ema=(),
+        ignore_names=(),
+        ignore_startswith_names=(),
+    ):
+        super().__init__()
+        self.schedule = WarmupSchedule(
+            beta=beta,
+            update_after_step=update_after_step,
+            update_every=update_every,
+            inv_gamma=inv_gamma,
+            power=power,
+            min_value=min_value,
+        )
+        self.param_or_buffer_names_no_ema = check_names(
+            "param_or_buffer_names_no_ema", param_or_buffer_names_no_ema
+        )
+        self.ignore_names = check_names("ignore_names", ignore_names)
+        self.ignore_startswith_names = check_names(
+            "ignore_startswith_names", ignore_startswith_names
+        )
+        self._state = None
+        self._training = None
+        self._updater = None
+        self._online_backup = None
+        self._in_fit = False
+        self._unwrap_evaluate = None
+        self._warned_skipped = 0
+
+    # ------------------------------------------------------------------
+    # Public surface
+
+    @property
+    def step(self) -> int:
+        """The update counter of the article's `EMA` class."""
+        state = self._require_state()
+        state.live.sync_to_variables()
+        return int(ops.convert_to_numpy(state.step))
+
+    @property
+    def skipped_updates(self) -> int:
+        """How many updates were skipped because a weight was NaN or Inf."""
+        state = self._require_state()
+        state.live.sync_to_variables()
+        return int(ops.convert_to_numpy(state.skipped))
+
+    @property
+    def variables(self) -> list:
+        """The shadow `keras.Variable`s, one per tracked weight, in
+        `model.weights` order."""
+        state = self._require_state()
+        state.live.sync_to_variables()
+        return list(state.shadows)
+
+    @property
+    def tracked_paths(self) -> list[str]:
+        """The paths of the averaged weights, aligned with `variables`."""
+        return list(self._require_state().paths)
+
+    def get_current_decay(self) -> float:
+        """The decay that the article's `get_current_decay()` returns now."""
+        return self.schedule.decay(self.step)
+
+    def update(self) -> None:
+        """One step of the article's `update()`, for use outside `fit`."""
+        state = self._require_state()
+        self._restore_online_weights()
+        state.check_model_unchanged()
+        if self._updater is None:
+            self._updater = _backend.EagerUpdater(state)
+        self._updater()
+
+    def get_weights(self) -> list:
+        """NumPy arrays aligned with `model.get_weights()`.
+
+        The EMA value (cast to the weight's dtype) where a weight is tracked,
+        the model's own value elsewhere, so that
+        `other_model.set_weights(ema.get_weights())` works.
+        """
+        state = self._require_state()
+        self._restore_online_weights()
+        state.live.sync_to_variables()
+        shadows = {id(w): s for w, s in zip(state.weights, state.shadows)}
+        result = []
+        for weight in self.model.weights:
+            shadow = shadows.get(id(weight))
+            value = weight.value if shadow is None else shadow.value
+            result.append(
+                ops.convert_to_numpy(value).astype(
+                    keras.backend.standardize_dtype(weight.dtype)
+                )
+            )
+        return result
+
+    @contextlib.contextmanager
+    def swap_weights(self):
+        """A context with the EMA weights in the model.
+
+        On exit, also through an exception, the model gets its online weights
+        back, bit for bit.
+        """
+        self._swap_in()
+        try:
+            yield self.model
+        finally:
+            self._swap_out()
+
+    def copy_to_model(self) -> None:
+        """Writes the EMA weights into the model for good (e.g. before
+        `model.save`). The online weights are overwritten."""
+        state = self._require_state()
+        self._restore_online_weights()
+        state.live.sync_to_variables()
+        for weight, shadow in zip(state.weights, state.shadows):
+            weight.assign(_backend.fresh_copy(shadow.value, weight.dtype))
+
+    def get_config(self) -> dict:
+        return {
+            **self.schedule.get_config(),
+            "param_or_buffer_names_no_ema": list(self.param_or_buffer_names_no_ema),
+            "ignore_names": list(self.ignore_names),
+            "ignore_startswith_names": list(self.ignore_startswith_names),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> EMA:
+        return cls(**config)
+
+    # ------------------------------------------------------------------
+    # Keras hooks
+
+    def set_model(self, model) -> None:
+        self._restore_online_weights()
+        if self._state is not None and self._state.model is not model:
+            raise ValueError(
+                "This `EMA` callback already tracks model "
+                f"{self._state.model.name!r}; create a new one for model "
+                f"{model.name!r}."
+            )
+        self._finish_training()
+        super().set_model(model)
+        if self._state is None and model.built:
+            self._create_state()
+
+    def on_train_begin(self, logs=None) -> None:
+        state = self._require_state()
+        state.check_model_unchanged()
+        self._restore_online_weights()
+        self._training = _backend.fused_training(state)
+        self._training.install()
+        self._unwrap_evaluate = _internals.wrap_evaluate(
+            self.model, self._evaluate_online_and_ema
+        )
+        self._in_fit = True
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        skipped = int((logs or {}).get("ema_skipped", 0))
+        if skipped > self._warned_skipped == 0:
+            warnings.warn(
+                "keras_ema.EMA skipped an update because a model weight was "
+                "NaN or infinite; the shadows were left unchanged. Skipped "
+                "updates are counted in the `ema_skipped` log.",
+                stacklevel=2,
+            )
+        self._warned_skipped = max(self._warned_skipped, skipped)
+
+    def on_train_end(self, logs=None) -> None:
+        self._finish_training()
+
+    def on_test_begin(self, logs=None) -> None:
+        if not self._in_fit:
+            self._swap_in()
+
+    def on_test_end(self, logs=None) -> None:
+        if not self._in_fit:
+            self._swap_out()
+
+    def on_predict_begin(self, logs=None) -> None:
+        self._swap_in()
+
+    def on_predict_end(self, logs=None) -> None:
+        self._swap_out()
+
+    # ------------------------------------------------------------------
+    # Internals
+
+    def _create_state(self) -> None:
+        self._state = ShadowState(
+            self.model,
+            self.schedule,
+            no_ema=self.param_or_buffer_names_no_ema,
+            ignore=self.ignore_names,
+            ignore_prefixes=self.ignore_startswith_names,
+        )
+
+    def _require_state(self) -> ShadowState:
+        if self._state is None:
+            model = getattr(self, "_model", None)
+            if model is None:
+                raise ValueError(
+                    "This `EMA` callback has no model yet. Pass it to "
+                    "`model.fit(..., callbacks=[ema])` or call "
+                    "`ema.set_model(model)` first."
+                )
+            self._create_state()
+        return self._state
+
+    def _finish_training(self) -> None:
+        """Takes the EMA out of the model's training (idempotent)."""
+        self._in_fit = False
+        if self._unwrap_evaluate is not None:
+            self._unwrap_evaluate()
+            self._unwrap_evaluate = None
+        if self._training is not None:
+            self._training.uninstall()
+            self._training = None
+
+    def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
+        """`fit`'s validation: online metrics, then the same with EMA weights."""
+        logs = keras_evaluate(*args, **kwargs)
+        if not _internals.is_fit_validation(kwargs):
+            return logs
+        ema_kwargs = dict(kwargs, callbacks=None, verbose=0)
+        with self.swap_weights():
+            ema_logs = keras_evaluate(*args, **ema_kwargs)
+        if isinstance(logs, dict):
+            logs = dict(logs)
+            logs.update({f"ema_{name}": value for name, value in ema_logs.items()})
+        return logs
+
+    def _swap_in(self) -> None:
+        state = self._require_state()
+        self._restore_online_weights()
+        state.check_model_unchanged()
+        state.live.sync_to_variables()
+        backup = [_backend.snapshot(w) for w in state.weights]
+        self._online_backup = backup
+        for weight, shadow in zip(state.weights, state.shadows):
+            dtype = keras.backend.standardize_dtype(weight.dtype)
+            weight.assign(_backend.fresh_copy(shadow.value, dtype))
+
+    def _swap_out(self) -> None:
+        self._restore_online_weights()
+
+    def _restore_online_weights(self) -> None:
+        """Puts back online weights left out by an interrupted swap."""
+        backup, self._online_backup = self._online_backup, None
+        if backup is None:
+            return
+        for weight, value in zip(self._state.weights, backup):
+            _backend.restore(weight, value)
