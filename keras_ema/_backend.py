@@ -148,7 +148,9 @@ class _JaxLiveValues(LiveValues):
         if self._arrays is None:
             return
         # Copies: the arrays stay the loop's to donate.
-        for variable, array in zip(self._state.state_variables, self._arrays):
+        for variable, array in zip(
+            self._state.state_variables, self._arrays, strict=True
+        ):
             variable.assign(fresh_copy(array, array.dtype))
 
     def invalidate(self) -> None:
@@ -277,7 +279,9 @@ def _assign_update(state, real):
     counters, shadows, decay = fused_update(
         state.schedule, state.kinds, counters, shadows, weights, real
     )
-    for variable, value in zip(state.state_variables, [*counters, *shadows]):
+    for variable, value in zip(
+        state.state_variables, [*counters, *shadows], strict=True
+    ):
         variable.assign(value)
     return counters, decay
 
@@ -529,7 +533,9 @@ class EagerUpdater:
                     for v in state.state_variables
                 ]
                 new_arrays = jitted(arrays, weights)
-                for variable, array in zip(state.state_variables, new_arrays):
+                for variable, array in zip(
+                    state.state_variables, new_arrays, strict=True
+                ):
                     variable.assign(array)
 
             return run

@@ -169,7 +169,7 @@ class EMA(keras.callbacks.Callback):
         state = self._require_state()
         self._restore_online_weights()
         state.live.sync_to_variables()
-        shadows = {id(w): s for w, s in zip(state.weights, state.shadows)}
+        shadows = {id(w): s for w, s in zip(state.weights, state.shadows, strict=True)}
         result = []
         for weight in self.model.weights:
             shadow = shadows.get(id(weight))
@@ -200,7 +200,7 @@ class EMA(keras.callbacks.Callback):
         state = self._require_state()
         self._restore_online_weights()
         state.live.sync_to_variables()
-        for weight, shadow in zip(state.weights, state.shadows):
+        for weight, shadow in zip(state.weights, state.shadows, strict=True):
             weight.assign(_backend.fresh_copy(shadow.value, weight.dtype))
 
     def get_config(self) -> dict:
@@ -324,7 +324,7 @@ class EMA(keras.callbacks.Callback):
         state.live.sync_to_variables()
         backup = [_backend.snapshot(w) for w in state.weights]
         self._online_backup = backup
-        for weight, shadow in zip(state.weights, state.shadows):
+        for weight, shadow in zip(state.weights, state.shadows, strict=True):
             dtype = keras.backend.standardize_dtype(weight.dtype)
             weight.assign(_backend.fresh_copy(shadow.value, dtype))
 
@@ -336,5 +336,5 @@ class EMA(keras.callbacks.Callback):
         backup, self._online_backup = self._online_backup, None
         if backup is None:
             return
-        for weight, value in zip(self._state.weights, backup):
+        for weight, value in zip(self._state.weights, backup, strict=True):
             _backend.restore(weight, value)

@@ -132,7 +132,7 @@ def fused_update(
     def blend():
         finite = _all_finite(weights)
         new = []
-        for kind, shadow, value in zip(kinds, shadows, weights):
+        for kind, shadow, value in zip(kinds, shadows, weights, strict=True):
             value = ops.cast(value, shadow.dtype)
             if kind == Kind.AVERAGE:
                 moved = shadow + ops.cast(weight, shadow.dtype) * (value - shadow)
@@ -217,8 +217,10 @@ class ShadowState:
         current = tracked_weights(self.model)
         if weights_signature(current) == self.signature:
             return
-        before = {p: s for p, s in zip(self.paths, self.signature)}
-        after = {w.path: s for w, s in zip(current, weights_signature(current))}
+        before = {p: s for p, s in zip(self.paths, self.signature, strict=True)}
+        after = {
+            w.path: s for w, s in zip(current, weights_signature(current), strict=True)
+        }
         changes = sorted(set(before.items()) ^ set(after.items()))
         raise ValueError(
             f"The weights of model {self.model.name!r} changed after the EMA "
@@ -229,7 +231,7 @@ class ShadowState:
 
     def copy_weights_into_shadows(self) -> None:
         self.live.sync_to_variables()
-        for shadow, weight in zip(self.shadows, self.weights):
+        for shadow, weight in zip(self.shadows, self.weights, strict=True):
             shadow.assign(_backend.fresh_copy(weight.value, shadow.dtype))
         self.live.invalidate()
 
