@@ -48,7 +48,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +83,9 @@ class Shape:
         return "sparse_categorical_crossentropy" if self.classes else "mse"
 
 
-def _mlp(inputs: int, widths: list[int], outputs: int, dropout: float = 0.0) -> keras.Model:
+def _mlp(
+    inputs: int, widths: list[int], outputs: int, dropout: float = 0.0
+) -> keras.Model:
     """A ReLU MLP with the given hidden widths and a linear head."""
     x = inp = keras.Input((inputs,))
     for width in widths:
@@ -130,10 +132,10 @@ SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (
         Shape("article_mlp", _article_mlp, (20,), 0, 32, 300, 100),
-        Shape("deep_mlp", _deep_mlp, (64,), 0, 32, 150, 50),
-        Shape("wide_mlp", _wide_mlp, (1024,), 0, 32, 60, 20),
-        Shape("conv_bn", _conv_bn, (32, 32, 3), 10, 32, 40, 15),
-        Shape("big_mlp", _big_mlp, (256,), 10, 16, 30, 12),
+        Shape("deep_mlp", _deep_mlp, (64,), 0, 32, 100, 40),
+        Shape("wide_mlp", _wide_mlp, (1024,), 0, 32, 40, 15),
+        Shape("conv_bn", _conv_bn, (32, 32, 3), 10, 32, 30, 12),
+        Shape("big_mlp", _big_mlp, (256,), 10, 16, 20, 10),
     )
 }
 
@@ -177,28 +179,9 @@ def build_model(shape: Shape, mode: str) -> keras.Model:
     return model
 
 
-def _leaves(obj: Any, depth: int = 3) -> Iterator[Any]:
-    """Keras variables and backend arrays reachable from ``obj`` (a few levels deep)."""
-    if isinstance(obj, keras.Variable) or keras.ops.is_tensor(obj):
-        yield obj
-    elif depth and isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _leaves(item, depth - 1)
-    elif depth and isinstance(obj, dict):
-        for item in obj.values():
-            yield from _leaves(item, depth - 1)
-
-
 def callback_arrays(callbacks: list[keras.callbacks.Callback]) -> list[Any]:
-    """Variables and arrays held in the callbacks' attributes (not the model's)."""
-    found: dict[int, Any] = {}
-    for callback in callbacks:
-        for name, value in vars(callback).items():
-            if name in ("_model", "model"):
-                continue
-            for leaf in _leaves(value):
-                found[id(leaf)] = leaf
-    return list(found.values())
+    """The EMA shadow variables of the callbacks (``keras_ema.EMA.variables``)."""
+    return [v for c in callbacks for v in getattr(c, "variables", [])]
 
 
 def _nbytes(array: Any) -> int:
@@ -213,7 +196,9 @@ def state_bytes(model: keras.Model, callbacks: list[keras.callbacks.Callback]) -
     return sum(_nbytes(a) for a in arrays)
 
 
-def wait_for_device(model: keras.Model, callbacks: list[keras.callbacks.Callback]) -> None:
+def wait_for_device(
+    model: keras.Model, callbacks: list[keras.callbacks.Callback]
+) -> None:
     """Block until the backend has finished all work queued for the model's state."""
     if keras.backend.backend() != "jax":
         return  # TensorFlow and torch execute synchronously on CPU
@@ -237,16 +222,27 @@ def unalias_builtin_ema(model: keras.Model) -> None:
             variable.assign(keras.ops.copy(variable.value))
 
 
-def _fit(model: keras.Model, shape: Shape, data: tuple[np.ndarray, np.ndarray],
-         callbacks: list[keras.callbacks.Callback]) -> None:
+def _fit(
+    model: keras.Model,
+    shape: Shape,
+    data: tuple[np.ndarray, np.ndarray],
+    callbacks: list[keras.callbacks.Callback],
+) -> None:
     """One epoch over ``data``, no shuffling, no output."""
     x, y = data
-    model.fit(x, y, batch_size=shape.batch, epochs=1, shuffle=False, verbose=0,
-              callbacks=callbacks)
+    model.fit(
+        x,
+        y,
+        batch_size=shape.batch,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
 
 
 def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
-    """Build, warm up, then time one ``fit`` of ``steps`` steps; ms per step and bytes."""
+    """Build, warm up, then time one ``fit`` of ``steps`` steps: ms/step and bytes."""
     model = build_model(shape, mode)
     callbacks = make_callbacks(mode)
     _fit(model, shape, make_data(shape, WARMUP_STEPS), callbacks)
@@ -260,7 +256,9 @@ def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
     return {
         "ms_per_step": 1000.0 * elapsed / steps,
         "params": model.count_params(),
-        "trainable_params": sum(int(np.prod(v.shape)) for v in model.trainable_variables),
+        "trainable_params": sum(
+            int(np.prod(v.shape)) for v in model.trainable_variables
+        ),
         "variables": len(model.variables),
         "state_bytes": state_bytes(model, callbacks),
     }
@@ -283,15 +281,20 @@ def rss_child(shape_name: str, mode: str, steps: int) -> None:
 
 def measure_rss(shape: Shape, mode: str, steps: int) -> float:
     """Peak-RSS growth in MiB of one measurement, run in a fresh process."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--rss-child",
-           f"{shape.name}:{mode}:{steps}"]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--rss-child",
+        f"{shape.name}:{mode}:{steps}",
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     line = [s for s in out.splitlines() if s.startswith("{")][-1]
     return json.loads(line)["rss_growth_kib"] / 1024.0
 
 
-def run_shape(shape: Shape, modes: list[str], repeats: int, steps: int,
-              rss: bool) -> dict[str, Any]:
+def run_shape(
+    shape: Shape, modes: list[str], repeats: int, steps: int, rss: bool
+) -> dict[str, Any]:
     """Interleave the modes ``repeats`` times; keep the minimum ms/step per mode."""
     times: dict[str, list[float]] = {m: [] for m in modes}
     info: dict[str, dict[str, Any]] = {}
@@ -328,16 +331,22 @@ def _ratios(best: dict[str, float]) -> dict[str, float]:
         "builtin_over_none": ("builtin", "none"),
         "every10_over_none": ("keras_ema_every10", "none"),
     }
-    return {k: best[a] / best[b] for k, (a, b) in pairs.items() if a in best and b in best}
+    return {
+        k: best[a] / best[b] for k, (a, b) in pairs.items() if a in best and b in best
+    }
 
 
 def print_table(result: dict[str, Any]) -> None:
     """A readable table of one shape's result."""
     none_bytes = result["state_bytes"].get("none", 0)
-    print(f"\n[{result['backend']}] {result['shape']}: {result['params']:,} params, "
-          f"{result['variables']} variables, batch {result['batch']}, "
-          f"{result['steps']} steps x {result['repeats']} repeats")
-    header = f"  {'mode':<18} {'min ms/step':>12} {'all ms/step':<40} {'EMA state MiB':>13}"
+    print(
+        f"\n[{result['backend']}] {result['shape']}: {result['params']:,} params, "
+        f"{result['variables']} variables, batch {result['batch']}, "
+        f"{result['steps']} steps x {result['repeats']} repeats"
+    )
+    header = (
+        f"  {'mode':<18} {'min ms/step':>12} {'all ms/step':<40} {'EMA state MiB':>13}"
+    )
     if "rss_growth_mib" in result:
         header += f" {'peak RSS +MiB':>13}"
     print(header)
@@ -350,13 +359,35 @@ def print_table(result: dict[str, Any]) -> None:
         print(line)
     ratios = ", ".join(f"{k} = {result[k]:.4f}" for k in _ratios(result["ms_per_step"]))
     print(f"  {ratios}")
+    if "other_cpu_s" in result:
+        print(
+            f"  wall {result['wall_s']} s; CPU used by other processes meanwhile: "
+            f"{result['other_cpu_s']} s (should be near 0)"
+        )
+
+
+def other_cpu_seconds() -> float:
+    """CPU seconds used machine-wide (``/proc/stat``) minus this process and children.
+
+    A difference of it over a run shows whether other processes shared the cores.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    busy = sum(fields[:3]) + sum(fields[5:8])  # user nice system, irq softirq steal
+    own = os.times()
+    mine = own.user + own.system + own.children_user + own.children_system
+    return busy / os.sysconf("SC_CLK_TCK") - mine
 
 
 def environment() -> dict[str, str]:
     """Versions and machine facts recorded with the results."""
-    env = {"python": platform.python_version(), "keras": keras.__version__,
-           "backend": keras.backend.backend(), "cpus": str(os.cpu_count()),
-           "machine": platform.machine()}
+    env = {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "cpus": str(os.cpu_count()),
+        "machine": platform.machine(),
+    }
     backend_module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
     module = __import__(backend_module[keras.backend.backend()])
     env[keras.backend.backend()] = module.__version__
@@ -366,20 +397,38 @@ def environment() -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES),
-                        help=f"comma-separated subset of: {', '.join(SHAPES)}")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of: {', '.join(MODES)}")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="interleaved rounds per shape; the minimum is kept (default 5)")
-    parser.add_argument("--steps", type=int, default=0,
-                        help="timed steps per fit (default: per shape)")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer steps and 3 repeats (a smoke run, noisier)")
-    parser.add_argument("--rss", action="store_true",
-                        help="also measure peak-RSS growth, one child process per mode")
-    parser.add_argument("--json-out", default="",
-                        help="append the JSON lines to this file")
+    parser.add_argument(
+        "--shapes",
+        default=",".join(SHAPES),
+        help=f"comma-separated subset of: {', '.join(SHAPES)}",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of: {', '.join(MODES)}",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="interleaved rounds per shape; the minimum is kept (default 5)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=0, help="timed steps per fit (default: per shape)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer steps and 3 repeats (a smoke run, noisier)",
+    )
+    parser.add_argument(
+        "--rss",
+        action="store_true",
+        help="also measure peak-RSS growth, one child process per mode",
+    )
+    parser.add_argument(
+        "--json-out", default="", help="append the JSON lines to this file"
+    )
     parser.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -403,10 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     print("environment: " + json.dumps(env))
     for shape in shapes:
         steps = args.steps or (shape.quick_steps if args.quick else shape.steps)
-        start = time.perf_counter()
+        start, other_before = time.perf_counter(), other_cpu_seconds()
         result = run_shape(shape, modes, args.repeats, steps, args.rss)
         result["environment"] = env
         result["wall_s"] = round(time.perf_counter() - start, 1)
+        result["other_cpu_s"] = round(other_cpu_seconds() - other_before, 1)
         print_table(result)
         line = json.dumps(result)
         print("JSON " + line, flush=True)

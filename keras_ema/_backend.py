@@ -192,7 +192,8 @@ def _optimizer_step_gate(optimizer):
     accumulation, reached a multiple of the accumulation steps.
     """
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return optimizer.iterations, getattr(inner, "gradient_accumulation_steps", None)
+    accumulation = getattr(inner, "gradient_accumulation_steps", None)
+    return _internals.raw_iterations(inner), accumulation
 
 
 def _real_step(before, after, accumulation_steps):
@@ -394,7 +395,8 @@ class TorchKernel:
         self.state = state
         self.read_counters()
         self.flat = _flat_shadows(state)
-        self.views = [w.value.reshape(-1) for w in state.weights]
+        # Same order as the flat buffer: grouped by kind.
+        self.views = [state.weights[i].value.reshape(-1) for i in state.flat_order]
         kinds = state.kinds
         self.segments = {
             kind: _segment(self.flat, state, [k == kind for k in kinds])

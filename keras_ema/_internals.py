@@ -58,5 +58,15 @@ def jax_train_out_shardings(model):
     return (None, model._get_state_sharding_spec())
 
 
+def raw_iterations(optimizer):
+    """The optimizer's own step counter variable.
+
+    Under gradient accumulation the public `optimizer.iterations` is derived
+    (`_iterations // gradient_accumulation_steps`), not a variable; the EMA
+    needs the counter that advances at every `apply`.
+    """
+    return optimizer._iterations
+
+
 def keras_version() -> tuple[int, ...]:
     return tuple(int(p) for p in keras.__version__.split(".")[:3] if p.isdigit())

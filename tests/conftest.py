@@ -1,0 +1,71 @@
+"""Shared fixtures: a fresh Keras session per test and small models."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture(autouse=True)
+def clear_session():
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.backend.clear_session()
+
+
+def make_model(batch_norm: bool = True, compile: bool = True, **compile_kwargs):
+    """A small MLP (with BatchNormalization statistics to average)."""
+    layers = [keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="d1")]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization(name="bn"))
+    layers.append(keras.layers.Dense(1, name="d2"))
+    model = keras.Sequential(layers, name="net")
+    if compile:
+        compile_kwargs.setdefault("optimizer", keras.optimizers.SGD(0.05))
+        model.compile(loss="mse", metrics=["mae"], **compile_kwargs)
+    return model
+
+
+def make_data(n: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1)) + 0.1).astype("float32")
+    return x, y
+
+
+def numpy_weights(model) -> dict:
+    return {w.path: ops.convert_to_numpy(w.value).copy() for w in model.weights}
+
+
+def float_weights(model) -> dict:
+    return {
+        w.path: ops.convert_to_numpy(w.value).copy()
+        for w in model.weights
+        if keras.backend.is_float_dtype(w.dtype)
+    }
+
+
+def ema_values(ema) -> dict:
+    return {
+        path: ops.convert_to_numpy(v.value).copy()
+        for path, v in zip(ema.tracked_paths, ema.variables, strict=True)
+    }
+
+
+def assert_bit_equal(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        np.testing.assert_array_equal(expected[key], actual[key], err_msg=key)
+
+
+def assert_close(expected: dict, actual: dict, rtol=2e-5, atol=2e-6) -> None:
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        np.testing.assert_allclose(
+            actual[key], expected[key], rtol=rtol, atol=atol, err_msg=key
+        )

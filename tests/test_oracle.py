@@ -1,0 +1,171 @@
+"""The callback against the NumPy transcription of the article, step by step."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_close
+from conftest import ema_values
+from conftest import float_weights
+from conftest import make_data
+from conftest import make_model
+from oracle import ArticleEMA
+
+import keras_ema
+
+HYPERPARAMETERS = {
+    "warmup_then_every_step": dict(beta=0.99, update_after_step=3, update_every=1),
+    "every_3_no_delay": dict(
+        beta=0.9, update_after_step=0, update_every=3, inv_gamma=2.0, power=0.75
+    ),
+    "min_value": dict(
+        beta=0.95, update_after_step=2, update_every=2, min_value=0.5, power=1.0
+    ),
+    "running_average": dict(
+        beta=1.0, update_after_step=1, update_every=1, inv_gamma=1.0, power=1.0
+    ),
+    "defaults": dict(),
+}
+
+
+def filters(model) -> dict:
+    """One weight of each filter kind, chosen from the model's own paths."""
+    paths = [w.path for w in model.weights]
+    moving_mean = next(p for p in paths if p.endswith("moving_mean"))
+    kernel = next(p for p in paths if p.endswith("d1/kernel"))
+    d2_prefix = next(p for p in paths if p.endswith("d2/kernel"))[: -len("kernel")]
+    return dict(
+        param_or_buffer_names_no_ema=[moving_mean],
+        ignore_names=[kernel],
+        ignore_startswith_names=[d2_prefix],
+    )
+
+
+def perturb(model, rng) -> None:
+    for weight in model.weights:
+        if keras.backend.is_float_dtype(weight.dtype):
+            noise = rng.normal(scale=0.1, size=weight.shape).astype("float32")
+            weight.assign(weight.numpy() + noise if hasattr(weight, "numpy") else noise)
+
+
+def run_outside_fit(hyperparameters: dict, steps: int, with_filters: bool) -> None:
+    model = make_model()
+    extra = filters(model) if with_filters else {}
+    ema = keras_ema.EMA(**hyperparameters, **extra)
+    ema.set_model(model)
+    oracle = ArticleEMA(float_weights(model), **hyperparameters, **extra)
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        perturb(model, rng)
+        ema.update()
+        oracle.update(float_weights(model))
+        assert ema.step == oracle.step
+        assert ema.get_current_decay() == pytest.approx(oracle.get_current_decay())
+        assert_close(oracle.ema, ema_values(ema))
+
+
+@pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
+def test_update_outside_fit_matches_article(name):
+    steps = 130 if name == "defaults" else 25
+    run_outside_fit(HYPERPARAMETERS[name], steps, with_filters=False)
+
+
+@pytest.mark.parametrize("name", ["warmup_then_every_step", "every_3_no_delay"])
+def test_filters_outside_fit_match_article(name):
+    run_outside_fit(HYPERPARAMETERS[name], 20, with_filters=True)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Replays every optimizer step into the oracle and compares each time."""
+
+    def __init__(self, ema, oracle):
+        super().__init__()
+        self.ema = ema
+        self.oracle = oracle
+        self.checked = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.oracle.update(float_weights(self.model))
+        assert self.ema.step == self.oracle.step
+        assert_close(self.oracle.ema, ema_values(self.ema))
+        self.checked += 1
+
+
+def run_inside_fit(hyperparameters, with_filters, epochs=2, **compile_kwargs):
+    model = make_model(**compile_kwargs)
+    extra = filters(model) if with_filters else {}
+    ema = keras_ema.EMA(**hyperparameters, **extra)
+    oracle = ArticleEMA(float_weights(model), **hyperparameters, **extra)
+    recorder = Recorder(ema, oracle)
+    x, y = make_data(96)
+    model.fit(x, y, batch_size=8, epochs=epochs, callbacks=[ema, recorder], verbose=0)
+    assert recorder.checked == epochs * 12
+    assert ema.step == oracle.step
+    assert_close(oracle.ema, ema_values(ema))
+    return model, ema, oracle
+
+
+@pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
+def test_fit_matches_article_step_by_step(name):
+    run_inside_fit(HYPERPARAMETERS[name], with_filters=False)
+
+
+def test_fit_with_filters_matches_article():
+    run_inside_fit(HYPERPARAMETERS["warmup_then_every_step"], with_filters=True)
+
+
+def test_second_fit_continues_the_same_average():
+    hp = HYPERPARAMETERS["every_3_no_delay"]
+    model = make_model()
+    ema = keras_ema.EMA(**hp)
+    oracle = ArticleEMA(float_weights(model), **hp)
+    recorder = Recorder(ema, oracle)
+    x, y = make_data(48)
+    for _ in range(3):
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema, recorder], verbose=0)
+    assert ema.step == 18 == oracle.step
+    assert_close(oracle.ema, ema_values(ema))
+
+
+def test_gradient_accumulation_counts_optimizer_steps():
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=3)
+    model = make_model(optimizer=optimizer)
+    ema = keras_ema.EMA(**hp)
+    oracle = ArticleEMA(float_weights(model), **hp)
+    x, y = make_data(96)
+
+    class EveryThird(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if (batch + 1) % 3 == 0:
+                oracle.update(float_weights(self.model))
+
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema, EveryThird()], verbose=0)
+    assert ema.step == 4 == oracle.step
+    assert_close(oracle.ema, ema_values(ema))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras' torch trainer requires steps_per_execution=1.",
+)
+def test_steps_per_execution_averages_every_optimizer_step():
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    model = make_model(steps_per_execution=4)
+    ema = keras_ema.EMA(**hp)
+    # With several steps per call, batch-end hooks fire once per execution, so
+    # the reference replays the same data through an identical model.
+    reference = make_model()
+    reference.set_weights(model.get_weights())
+    oracle = ArticleEMA(float_weights(reference), **hp)
+    x, y = make_data(96)
+
+    class Replay(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            oracle.update(float_weights(self.model))
+
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[ema], verbose=0)
+    reference.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[Replay()], verbose=0)
+    assert ema.step == 12 == oracle.step
+    assert_close(oracle.ema, ema_values(ema), rtol=1e-4, atol=1e-5)
