@@ -166,6 +166,8 @@ def test_steps_per_execution_averages_every_optimizer_step():
             oracle.update(float_weights(self.model))
 
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[ema], verbose=0)
-    reference.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[Replay()], verbose=0)
+    reference.fit(
+        x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[Replay()], verbose=0
+    )
     assert ema.step == 12 == oracle.step
     assert_close(oracle.ema, ema_values(ema), rtol=1e-4, atol=1e-5)

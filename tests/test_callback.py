@@ -1,0 +1,296 @@
+"""Behaviour of the callback inside Keras: logs, swaps, evaluate, interrupts."""
+
+from __future__ import annotations
+
+import csv
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_bit_equal
+from conftest import make_data
+from conftest import make_model
+from conftest import numpy_weights
+
+import keras_ema
+
+
+def fit_with_validation(model, ema, callbacks=(), epochs=2, **kwargs):
+    x, y = make_data(64)
+    xv, yv = make_data(32, seed=1)
+    return model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=epochs,
+        validation_data=(xv, yv),
+        callbacks=[*callbacks, ema]
+        if kwargs.pop("ema_last", False)
+        else [ema, *callbacks],
+        verbose=0,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("ema_last", [False, True])
+def test_val_ema_keys_reach_every_callback(tmp_path, ema_last):
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=2, update_every=1)
+    seen = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen[epoch] = dict(logs)
+
+    csv_path = tmp_path / "log.csv"
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="val_ema_loss", mode="min", patience=1
+    )
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor="val_ema_loss", mode="min", patience=1
+    )
+    history = fit_with_validation(
+        model,
+        ema,
+        callbacks=[Spy(), keras.callbacks.CSVLogger(str(csv_path)), stopper, plateau],
+        ema_last=ema_last,
+    )
+    expected = {"val_ema_loss", "val_ema_mae", "val_loss", "val_mae", "ema_decay"}
+    for logs in seen.values():
+        assert expected <= logs.keys()
+    assert expected <= history.history.keys()
+    with open(csv_path) as handle:
+        assert expected <= set(next(csv.reader(handle)))
+    assert stopper.best == min(history.history["val_ema_loss"])
+
+
+def test_val_ema_metrics_equal_evaluate_with_ema_weights():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=2, update_every=1)
+    history = fit_with_validation(model, ema, epochs=1)
+    xv, yv = make_data(32, seed=1)
+    online = model.evaluate(xv, yv, verbose=0, return_dict=True)
+    with_ema = model.evaluate(xv, yv, verbose=0, return_dict=True, callbacks=[ema])
+    np.testing.assert_allclose(
+        history.history["val_loss"][-1], online["loss"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        history.history["val_ema_loss"][-1], with_ema["loss"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        history.history["val_ema_mae"][-1], with_ema["mae"], rtol=1e-5
+    )
+    assert with_ema["loss"] != online["loss"]
+
+
+def test_logged_decay_is_the_articles_decay():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.999, update_after_step=3, update_every=1)
+    history = fit_with_validation(model, ema, epochs=1)
+    assert history.history["ema_decay"][-1] == pytest.approx(
+        ema.get_current_decay(), rel=1e-6
+    )
+    assert 0 < ema.get_current_decay() < 0.999
+
+
+def test_online_weights_survive_fit_and_many_swaps_bit_for_bit():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=2, update_every=1)
+    fit_with_validation(model, ema, epochs=2)
+    online = numpy_weights(model)
+    xv, yv = make_data(32, seed=1)
+    for _ in range(20):
+        model.evaluate(xv, yv, verbose=0, callbacks=[ema])
+        model.predict(xv, verbose=0, callbacks=[ema])
+        with ema.swap_weights():
+            pass
+    assert_bit_equal(online, numpy_weights(model))
+
+
+def test_fit_leaves_online_weights_in_the_model():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=2, update_every=1)
+    weights_at_last_step = {}
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights_at_last_step.update(numpy_weights(self.model))
+
+    fit_with_validation(model, ema, callbacks=[Capture()], epochs=2)
+    assert_bit_equal(weights_at_last_step, numpy_weights(model))
+
+
+def test_evaluate_and_predict_use_ema_weights():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=2, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    xv, _ = make_data(32, seed=1)
+    twin = make_model()
+    twin.set_weights(ema.get_weights())
+    np.testing.assert_allclose(
+        model.predict(xv, verbose=0, callbacks=[ema]),
+        twin.predict(xv, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert not np.allclose(model.predict(xv, verbose=0), twin.predict(xv, verbose=0))
+
+
+def test_swap_restores_online_weights_on_exception():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    online = numpy_weights(model)
+    with pytest.raises(RuntimeError), ema.swap_weights():
+        assert not np.array_equal(
+            model.weights[0].numpy(), online[model.weights[0].path]
+        )
+        raise RuntimeError("boom")
+    assert_bit_equal(online, numpy_weights(model))
+
+
+class RaiseAt(keras.callbacks.Callback):
+    def __init__(self, hook, error=KeyboardInterrupt):
+        super().__init__()
+        self.hook = hook
+        self.error = error
+
+    def __getattribute__(self, name):
+        if name == object.__getattribute__(self, "hook"):
+
+            def boom(*args, **kwargs):
+                raise object.__getattribute__(self, "error")("interrupted")
+
+            return boom
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("method", ["evaluate", "predict"])
+def test_interrupted_evaluate_or_predict_then_next_use_is_online(method):
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    online = numpy_weights(model)
+    xv, yv = make_data(32, seed=1)
+    hook = "on_test_batch_end" if method == "evaluate" else "on_predict_batch_end"
+    args = (xv, yv) if method == "evaluate" else (xv,)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(model, method)(*args, verbose=0, callbacks=[ema, RaiseAt(hook)])
+    # The next use of the callback starts from the online weights.
+    with ema.swap_weights():
+        pass
+    assert_bit_equal(online, numpy_weights(model))
+    history = model.fit(
+        *make_data(16), batch_size=8, epochs=1, verbose=0, callbacks=[ema]
+    )
+    assert history is not None
+
+
+def test_keyboard_interrupt_during_ema_validation_keeps_online_weights():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    online_before_validation = {}
+    calls = []
+    keras_make_test_function = model.make_test_function
+
+    class Capture(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            online_before_validation.update(numpy_weights(self.model))
+
+    def make_test_function(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second evaluation of the epoch: EMA weights
+            raise KeyboardInterrupt("interrupted")
+        return keras_make_test_function(*args, **kwargs)
+
+    model.make_test_function = make_test_function
+    with pytest.raises(KeyboardInterrupt):
+        fit_with_validation(model, ema, callbacks=[Capture()], epochs=1)
+    assert_bit_equal(online_before_validation, numpy_weights(model))
+
+
+def test_exception_inside_training_keeps_online_weights_and_callback_usable():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    x, y = make_data(64)
+    with pytest.raises(RuntimeError):
+        model.fit(
+            x,
+            y,
+            batch_size=8,
+            epochs=1,
+            verbose=0,
+            callbacks=[ema, RaiseAt("on_train_batch_end", RuntimeError)],
+        )
+    step = ema.step
+    online = numpy_weights(model)
+    xv, yv = make_data(32, seed=1)
+    model.evaluate(xv, yv, verbose=0, callbacks=[ema])
+    assert_bit_equal(online, numpy_weights(model))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    assert ema.step == step + 8
+
+
+def test_get_weights_aligns_with_model_get_weights():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    ema_weights = ema.get_weights()
+    model_weights = model.get_weights()
+    assert len(ema_weights) == len(model_weights)
+    for a, b in zip(ema_weights, model_weights, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+
+def test_copy_to_model_writes_ema_weights():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    expected = ema.get_weights()
+    ema.copy_to_model()
+    for a, b in zip(expected, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tracks_batchnorm_statistics_and_skips_integer_weights():
+    model = make_model()
+    ema = keras_ema.EMA()
+    ema.set_model(model)
+    paths = ema.tracked_paths
+    assert any(p.endswith("moving_mean") for p in paths)
+    assert any(p.endswith("moving_variance") for p in paths)
+    assert len(paths) == len(
+        [w for w in model.weights if keras.backend.is_float_dtype(w.dtype)]
+    )
+
+
+def test_filter_matching_no_weight_is_a_value_error():
+    model = make_model()
+    ema = keras_ema.EMA(ignore_names=["net/d1/kernal"])
+    with pytest.raises(ValueError, match="kernal"):
+        ema.set_model(model)
+
+
+def test_model_changed_after_set_model_is_a_value_error():
+    model = make_model()
+    ema = keras_ema.EMA()
+    ema.set_model(model)
+    model.add(keras.layers.Dense(2, name="extra"))
+    with pytest.raises(ValueError, match="changed"):
+        ema.update()
+
+
+def test_get_config_round_trip():
+    ema = keras_ema.EMA(beta=0.99, update_every=3, ignore_names=["a/b"])
+    clone = keras_ema.EMA.from_config(ema.get_config())
+    assert clone.get_config() == ema.get_config()
+
+
+def test_step_is_an_int_and_decay_a_float():
+    model = make_model()
+    ema = keras_ema.EMA(update_after_step=0, update_every=1)
+    ema.set_model(model)
+    ema.update()
+    ema.update()
+    assert isinstance(ema.step, int) and int(ema.step) == 2
+    assert isinstance(ema.get_current_decay(), float)

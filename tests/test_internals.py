@@ -1,0 +1,41 @@
+"""The private Keras internals keras_ema relies on still exist and behave."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+from conftest import make_model
+
+from keras_ema import _internals
+
+
+def test_fit_validates_through_evaluate_with_the_cached_dataset_flag():
+    source = inspect.getsource(type(make_model()).fit)
+    assert "self.evaluate(" in source
+    assert _internals.CACHED_EVAL_KWARG in source
+
+
+def test_wrap_evaluate_is_undone():
+    model = make_model()
+    unwrap = _internals.wrap_evaluate(model, lambda keras_evaluate, *a, **k: "x")
+    assert model.evaluate() == "x"
+    unwrap()
+    assert "evaluate" not in model.__dict__
+
+
+def test_raw_iterations_is_the_optimizer_counter_variable():
+    optimizer = keras.optimizers.SGD(gradient_accumulation_steps=2)
+    optimizer.build([keras.Variable(1.0)])
+    counter = _internals.raw_iterations(optimizer)
+    assert any(counter is v for v in optimizer.variables)
+
+
+def test_supported_keras_version():
+    assert (3, 12) <= _internals.keras_version()[:2] < (3, 16)
+
+
+def test_train_function_attribute_is_used_by_fit():
+    source = inspect.getsource(type(make_model()).fit)
+    assert "self.train_function(" in source
+    assert "self.make_train_function()" in source
