@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_ema import _backend
 from keras_ema import _internals
+from keras_ema import state_io
 from keras_ema.schedule import WarmupSchedule
 from keras_ema.shadow import ShadowState
 from keras_ema.shadow import check_names
@@ -202,6 +203,51 @@ class EMA(keras.callbacks.Callback):
         state.live.sync_to_variables()
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
             weight.assign(_backend.fresh_copy(shadow.value, weight.dtype))
+
+    def save_state(self, path: str) -> None:
+        """Writes the counters, hyperparameters and shadows to `path`.
+
+        The file is a NumPy `.npz` archive with a JSON header (no pickle),
+        written atomically: a crash mid-save leaves any previous file intact.
+        """
+        state = self._require_state()
+        self._restore_online_weights()
+        state_io.save(path, state, self.get_config())
+
+    def load_state(self, path: str) -> None:
+        """Restores what `save_state` wrote, after checking all of it.
+
+        The file must describe the same floating-point weights (paths may
+        differ by a leading model name, as they do across
+        `keras.models.load_model`), with the same shapes and dtypes; otherwise
+        a `ValueError` names the variable and nothing changes. The callback
+        keeps its own hyperparameters: where the file's differ, a warning
+        names them.
+        """
+        state = self._require_state()
+        header, arrays = state_io.read(path)
+        arrays = state_io.match(header, arrays, state, path)
+        self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
+        self._restore_online_weights()
+        for shadow, array in zip(state.shadows, arrays, strict=True):
+            shadow.assign(array)
+        state.step.assign(header["step"])
+        state.initialized.assign(min(header["initialized"], 1))
+        state.skipped.assign(header["skipped"])
+        state.live.invalidate()
+
+    def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
+        differing = {
+            name: {"file": saved.get(name), "callback": value}
+            for name, value in self.get_config().items()
+            if saved.get(name) != value
+        }
+        if differing:
+            warnings.warn(
+                f"The EMA state in {path!r} was saved with other hyperparameters; "
+                f"the callback keeps its own. Differences: {differing}",
+                stacklevel=3,
+            )
 
     def get_config(self) -> dict:
         return {

@@ -1,0 +1,168 @@
+"""EMA state files: a NumPy `.npz` archive with a JSON header, no pickle.
+
+Layout (format version 1):
+
+- `header`: a uint8 array holding UTF-8 JSON: `{"format": "keras-ema-state",
+  "version": 1, "step", "initialized", "skipped", "hyperparameters",
+  "variables": [{"path", "shape", "dtype"}, ...]}`.
+- `shadow_0`, `shadow_1`, ...: the shadows, in `variables` order.
+
+Files are read with `allow_pickle=False`, so an object array or a pickle
+raises instead of executing anything; zip CRCs catch flipped bytes. Writes go
+to a temporary file in the same folder, then `os.replace`, so a crash leaves
+the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+
+import keras
+import numpy as np
+from keras import ops
+
+FORMAT = "keras-ema-state"
+VERSION = 1
+
+
+def save(path: str, state, hyperparameters: dict) -> None:
+    state.live.sync_to_variables()
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": _scalar(state.step),
+        "initialized": _scalar(state.initialized),
+        "skipped": _scalar(state.skipped),
+        "hyperparameters": hyperparameters,
+        "variables": [
+            {"path": p, "shape": list(s.shape), "dtype": _dtype(s)}
+            for p, s in zip(state.paths, state.shadows, strict=True)
+        ],
+    }
+    arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
+    for index, shadow in enumerate(state.shadows):
+        arrays[f"shadow_{index}"] = ops.convert_to_numpy(shadow.value)
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def read(path: str) -> tuple[dict, list]:
+    """Reads and checks a state file; raises `ValueError` naming `path`."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = set(archive.files)
+            if "header" not in names:
+                raise ValueError("it has no `header` entry")
+            header = json.loads(bytes(archive["header"]).decode())
+            _check_header(header)
+            count = len(header["variables"])
+            expected = {"header"} | {f"shadow_{i}" for i in range(count)}
+            if names != expected:
+                raise ValueError(f"entries {sorted(names ^ expected)} do not fit")
+            arrays = [archive[f"shadow_{i}"] for i in range(count)]
+    except ValueError as error:
+        message = f"{path!r} is not a valid keras_ema state file: {error}"
+        raise ValueError(message) from None
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{path!r} is not a valid keras_ema state file (unreadable, truncated "
+            f"or corrupt): {type(error).__name__}: {error}"
+        ) from None
+    for spec, array in zip(header["variables"], arrays, strict=True):
+        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+            raise ValueError(
+                f"{path!r} is corrupt: variable {spec['path']!r} is stored with "
+                f"shape {list(array.shape)} and dtype {array.dtype}, but its "
+                f"header says {spec['shape']} and {spec['dtype']}."
+            )
+    return header, arrays
+
+
+def match(header: dict, arrays: list, state, path: str) -> list:
+    """Pairs the file's shadows with the state's; raises on any mismatch."""
+    saved = header["variables"]
+    if len(saved) != len(state.paths):
+        saved_paths = {v["path"] for v in saved}
+        missing = [p for p in state.paths if not _matched(p, saved_paths)]
+        extra = [v["path"] for v in saved if not _matched(v["path"], state.paths)]
+        raise ValueError(
+            f"{path!r} holds {len(saved)} EMA variables but the model has "
+            f"{len(state.paths)} floating-point weights. Missing from the file: "
+            f"{missing[:10]}; not in the model: {extra[:10]}."
+        )
+    for spec, current, shadow in zip(saved, state.paths, state.shadows, strict=True):
+        if not _same_weight(spec["path"], current):
+            raise ValueError(
+                f"{path!r} does not fit this model: variable {current!r} is "
+                f"{spec['path']!r} in the file (another architecture?)."
+            )
+        if tuple(spec["shape"]) != tuple(shadow.shape):
+            raise ValueError(
+                f"{path!r} does not fit this model: variable {current!r} has "
+                f"shape {tuple(shadow.shape)} but the file holds "
+                f"{tuple(spec['shape'])}."
+            )
+        if spec["dtype"] != _dtype(shadow):
+            raise ValueError(
+                f"{path!r} does not fit this model: variable {current!r} has "
+                f"dtype {_dtype(shadow)} but the file holds {spec['dtype']}."
+            )
+    return arrays
+
+
+def _same_weight(saved: str, current: str) -> bool:
+    """Paths lose or gain a leading model name across `load_model`
+    (`net/a/kernel` vs `a/kernel`): equal up to a prefix of whole segments."""
+    if saved == current:
+        return True
+    longer, shorter = (
+        (saved, current) if len(saved) > len(current) else (current, saved)
+    )
+    return longer.endswith("/" + shorter)
+
+
+def _matched(path: str, others) -> bool:
+    return any(_same_weight(path, other) for other in others)
+
+
+def _check_header(header) -> None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError("its header does not name the keras-ema-state format")
+    if header.get("version") != VERSION:
+        raise ValueError(f"unsupported version {header.get('version')!r}")
+    for key in ("step", "initialized", "skipped"):
+        value = header.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"`{key}` must be an integer >= 0, got {value!r}")
+    variables = header.get("variables")
+    if not isinstance(variables, list) or not all(
+        isinstance(v, dict)
+        and isinstance(v.get("path"), str)
+        and isinstance(v.get("shape"), list)
+        and isinstance(v.get("dtype"), str)
+        for v in variables
+    ):
+        raise ValueError("its `variables` list is malformed")
+    if not isinstance(header.get("hyperparameters"), dict):
+        raise ValueError("its `hyperparameters` are malformed")
+
+
+def _scalar(variable) -> int:
+    return int(ops.convert_to_numpy(variable.value))
+
+
+def _dtype(variable) -> str:
+    return keras.backend.standardize_dtype(variable.dtype)

@@ -1,0 +1,276 @@
+"""State files, resume, NaN/Inf guard and low-precision shadows."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_bit_equal
+from conftest import assert_close
+from conftest import ema_values
+from conftest import make_data
+from conftest import make_model
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import keras_ema
+
+HP = dict(beta=0.99, update_after_step=2, update_every=1)
+
+
+def trained(epochs=1, **hp):
+    model = make_model()
+    ema = keras_ema.EMA(**(hp or HP))
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=[ema])
+    return model, ema
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, ema = trained()
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+    fresh = keras_ema.EMA(**HP)
+    fresh.set_model(model)
+    fresh.load_state(path)
+    assert fresh.step == ema.step
+    assert_bit_equal(ema_values(ema), ema_values(fresh))
+
+
+def test_loads_into_a_model_reloaded_with_load_model(tmp_path):
+    model, ema = trained()
+    model.save(tmp_path / "m.keras")
+    ema.save_state(str(tmp_path / "ema.npz"))
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    other = keras_ema.EMA(**HP)
+    other.set_model(reloaded)
+    other.load_state(str(tmp_path / "ema.npz"))
+    assert [v.tolist() for v in other.get_weights()] == [
+        v.tolist() for v in ema.get_weights()
+    ]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    x, y = make_data(48)
+    keras.utils.set_random_seed(3)
+    full = make_model()
+    initial = full.get_weights()
+    full_ema = keras_ema.EMA(**HP)
+    full.fit(
+        x, y, batch_size=8, epochs=4, shuffle=False, verbose=0, callbacks=[full_ema]
+    )
+
+    keras.backend.clear_session()
+    first = make_model()
+    first.set_weights(initial)
+    first_ema = keras_ema.EMA(**HP)
+    first.fit(
+        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[first_ema]
+    )
+    first.save(tmp_path / "m.keras")
+    first_ema.save_state(str(tmp_path / "ema.npz"))
+
+    resumed = keras.models.load_model(tmp_path / "m.keras")
+    resumed_ema = keras_ema.EMA(**HP)
+    resumed_ema.set_model(resumed)
+    resumed_ema.load_state(str(tmp_path / "ema.npz"))
+    resumed.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=4,
+        initial_epoch=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[resumed_ema],
+    )
+    assert resumed_ema.step == full_ema.step == 24
+    assert_close(
+        dict(enumerate(ema_values(full_ema).values())),
+        dict(enumerate(ema_values(resumed_ema).values())),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_other_architecture_is_refused_naming_the_variable(tmp_path):
+    _, ema = trained()
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+    keras.backend.clear_session()
+    other = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(9, name="d1"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Dense(1, name="d2"),
+        ],
+        name="net",
+    )
+    other_ema = keras_ema.EMA(**HP)
+    other_ema.set_model(other)
+    before = ema_values(other_ema)
+    with pytest.raises(ValueError, match="net/d1/kernel.*shape"):
+        other_ema.load_state(path)
+    assert_bit_equal(before, ema_values(other_ema))
+    assert other_ema.step == 0
+
+
+def test_missing_variable_is_refused(tmp_path):
+    _, ema = trained()
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+    keras.backend.clear_session()
+    smaller = make_model(batch_norm=False)
+    small_ema = keras_ema.EMA(**HP)
+    small_ema.set_model(smaller)
+    with pytest.raises(ValueError, match="moving_mean"):
+        small_ema.load_state(path)
+
+
+def test_pickle_is_refused_without_executing_anything(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.npz"
+    np.savez(path, header=np.array([Exploit()], dtype=object))
+    raw = tmp_path / "evil.pkl"
+    raw.write_bytes(pickle.dumps(Exploit()))
+    model, ema = trained()
+    before = ema_values(ema)
+    for bad in (path, raw):
+        with pytest.raises(ValueError, match="not a valid keras_ema state file"):
+            ema.load_state(str(bad))
+    assert not marker.exists()
+    assert_bit_equal(before, ema_values(ema))
+
+
+def test_not_a_state_file_is_refused(tmp_path):
+    _, ema = trained()
+    path = tmp_path / "weights.npz"
+    np.savez(path, a=np.zeros(3))
+    with pytest.raises(ValueError, match="header"):
+        ema.load_state(str(path))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    _, ema = trained()
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+    original = Path(path).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ema.save_state(path)
+    assert Path(path).read_bytes() == original
+    assert os.listdir(tmp_path) == ["ema.npz"]
+
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory):
+    keras.backend.clear_session()
+    model, ema = trained()
+    path = tmp_path_factory.mktemp("state") / "ema.npz"
+    ema.save_state(str(path))
+    return model, ema, path.read_bytes()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_truncations_and_byte_flips_load_identically_or_raise(
+    saved_state, tmp_path, data
+):
+    model, ema, good = saved_state
+    if data.draw(st.booleans()):
+        bad = good[: data.draw(st.integers(0, len(good) - 1))]
+    else:
+        position = data.draw(st.integers(0, len(good) - 1))
+        flip = data.draw(st.integers(1, 255))
+        bad = good[:position] + bytes([good[position] ^ flip]) + good[position + 1 :]
+    path = tmp_path / "bad.npz"
+    path.write_bytes(bad)
+    before, step = ema_values(ema), ema.step
+    try:
+        ema.load_state(str(path))
+    except ValueError:
+        assert_bit_equal(before, ema_values(ema))
+        assert ema.step == step
+    else:
+        assert_bit_equal(before, ema_values(ema))
+        assert ema.step == step
+
+
+def test_hyperparameters_in_file_differ_callback_keeps_its_own(tmp_path):
+    model, ema = trained()
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+    other = keras_ema.EMA(beta=0.5, update_after_step=2, update_every=1)
+    other.set_model(model)
+    with pytest.warns(UserWarning, match="beta"):
+        other.load_state(path)
+    assert other.schedule.beta == 0.5
+    assert other.step == ema.step
+
+
+def test_nan_weights_never_enter_the_shadows():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    before = ema_values(ema)
+    kernel = model.weights[0]
+    poisoned = np.array(kernel.numpy())
+    poisoned[0, 0] = np.nan
+    kernel.assign(poisoned)
+    ema.update()
+    assert_bit_equal(before, ema_values(ema))
+    assert ema.skipped_updates == 1
+    poisoned[0, 0] = np.inf
+    kernel.assign(poisoned)
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    for value in ema_values(ema).values():
+        assert np.isfinite(value).all()
+    assert history.history["ema_skipped"][-1] >= 2
+
+
+def test_bfloat16_weights_get_float32_shadows_that_move():
+    keras.config.set_dtype_policy("bfloat16")
+    try:
+        model = make_model(batch_norm=False)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    ema = keras_ema.EMA(
+        beta=0.999, update_after_step=0, update_every=1, min_value=0.999
+    )
+    ema.set_model(model)
+    assert {keras.backend.standardize_dtype(v.dtype) for v in ema.variables} == {
+        "float32"
+    }
+    start = ema_values(ema)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[ema])
+    moved = ema_values(ema)
+    assert any(not np.array_equal(start[k], moved[k]) for k in start)
+    online = {w.path: w.numpy() for w in model.weights}
+    with ema.swap_weights():
+        for weight in model.weights:
+            assert keras.backend.standardize_dtype(weight.dtype) == "bfloat16"
+    for weight in model.weights:
+        np.testing.assert_array_equal(weight.numpy(), online[weight.path])
