@@ -8,34 +8,45 @@ Four modes are timed on synthetic data, for several model shapes:
 * ``keras_ema_every10``: the same with ``update_every=10``.
 
 Each measurement builds and compiles a fresh model (same seed), runs a short warm-up
-``fit`` (so that tracing and compilation are not timed), then times one ``fit`` of
-``N`` steps (``epochs=1``, data sized to exactly ``N`` batches, ``verbose=0``) with
-``time.perf_counter`` and reports ``elapsed / N``. The clock stops after ``fit`` has
-returned and the backend's queued work is done (on JAX, every array the model, its
-optimizer and the callback hold is blocked on; TensorFlow and torch run synchronously
-on CPU). So the time includes ``fit``'s own fixed costs (data adapter, callbacks'
-``on_train_begin/end``, Keras' ``finalize_variable_values`` for the built-in EMA),
-spread over ``N`` steps.
+``fit`` of 12 steps (so that the first tracing and compilation are not timed), then
+times one ``fit`` of ``N`` steps (``epochs=1``, data sized to exactly ``N`` batches,
+``verbose=0``) with ``time.perf_counter``. The clock stops after ``fit`` has returned
+and the backend's queued work is done (on JAX, every array the model, its optimizer
+and the EMA callback hold is blocked on; TensorFlow and torch run synchronously on
+CPU). Three numbers come out of that one timed ``fit``:
+
+* ``ms_per_step``: the whole ``fit`` over ``N``. It includes ``fit``'s fixed costs
+  (data adapter, callbacks' ``on_train_begin/end``, Keras' ``finalize_variable_values``
+  for the built-in EMA) and anything traced or compiled again in that ``fit``;
+* ``steady_ms_per_step``: from the start of batch 3 to the end, over ``N - 3``;
+* ``startup_ms``: ``fit``'s set-up plus its first 3 steps.
 
 The modes are interleaved (none, builtin, keras_ema, keras_ema_every10, none, ...)
-for ``--repeats`` rounds and the minimum ms/step of each mode is kept; the ratios
-are computed from those minima.
+for ``--repeats`` rounds and the minimum of each number per mode is kept; the ratios
+(``keras_ema_over_builtin``, ``keras_ema_over_none``, ``builtin_over_none``,
+``every10_over_none``) are computed from those minima, for ``ms_per_step`` at the top
+level of the JSON and for ``steady_ms_per_step`` under ``steady_ratios``.
 
-Memory is reported in two ways. Always: ``state_bytes``, the bytes held in the
-optimizer's variables plus the bytes held in the EMA callback's variables/arrays
-after the timed ``fit`` (float32 = 4 bytes per element), which shows the EMA's shadow
-copy exactly (``state_bytes[mode] - state_bytes["none"]``). With ``--rss``: for each
-mode, one child process builds the model and runs the warm-up and one timed ``fit``,
-and reports the growth of its peak resident set (``ru_maxrss`` at the end minus the
-resident set just before the model was built). That includes compilation memory and
-allocator noise, so read it only for big differences (the ``big_mlp`` shadow is ~45 MB).
+Memory: ``state_bytes`` is the bytes held in the optimizer's variables plus the
+EMA callback's shadow variables (``keras_ema.EMA.variables``) after the timed ``fit``,
+so ``state_bytes[mode] - state_bytes["none"]`` is exactly the EMA's shadow copy
+(4 bytes per tracked float32 element; the callback also tracks non-trainable floats
+such as BatchNormalization statistics, the built-in EMA only trainable ones). With
+``--rss``, for each mode one child process builds the model, runs the warm-up and one
+timed ``fit``, and reports the growth of its peak resident set (``ru_maxrss`` at the
+end minus the resident set just before the model was built). That includes
+compilation memory, temporaries and allocator noise: read it for big differences
+only (the ``big_mlp`` shadow is 42 MiB).
+
+``other_cpu_s`` is the CPU time that other processes used during a shape's run: the
+machine has 2 cores, and numbers taken while it is well above 0 are not comparable.
 
 Usage (one backend per process)::
 
     KERAS_BACKEND=jax python benchmarks/overhead.py [--quick] [--shapes a,b]
-        [--repeats 5] [--rss] [--json-out results.jsonl]
+        [--modes none,builtin,...] [--repeats 5] [--rss] [--json-out results.jsonl]
 
-Every shape prints a table row per mode and one line ``JSON {...}``.
+Every shape prints a table and one line ``JSON {...}``.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ MODES: tuple[str, ...] = ("none", "builtin", "keras_ema", "keras_ema_every10")
 LEARNING_RATE = 1e-3
 BUILTIN_MOMENTUM = 0.999
 WARMUP_STEPS = 12  # covers a keras_ema_every10 averaging step (step 10) as well
+STARTUP_STEPS = 3  # steps of each timed fit left out of `steady_ms_per_step`
 SEED = 0
 
 
@@ -223,21 +235,32 @@ def unalias_builtin_ema(model: keras.Model) -> None:
 
 
 class StepClock(keras.callbacks.Callback):
-    """Notes ``time.perf_counter()`` when the second batch begins.
+    """Notes ``time.perf_counter()`` when batch ``STARTUP_STEPS`` begins.
 
-    By then the first step has run (TensorFlow, torch) or been dispatched (JAX),
-    including any tracing or compilation done inside that ``fit``. It overrides
-    no ``*_batch_end`` hook and never reads ``self.model``, so Keras' async
+    By then the first steps have run, with any tracing or compilation done
+    inside that ``fit`` (on JAX, a function compiled for the first step can be
+    compiled again for the second if its inputs' shardings changed). On JAX,
+    whose steps are dispatched asynchronously, it first waits for the previous
+    step to finish, reading the train state Keras keeps in the private
+    ``model._jax_state`` (it does not sync it into the model). It overrides no
+    ``*_batch_end`` hook and never reads ``self.model``, so Keras' async
     dispatch and JAX's deferred state sync stay as they are without it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: keras.Model) -> None:
         super().__init__()
-        self.second_batch_begin = 0.0
+        self.fitted = model
+        self.stamp = 0.0
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        if batch == 1:
-            self.second_batch_begin = time.perf_counter()
+        if batch != STARTUP_STEPS:
+            return
+        if keras.backend.backend() == "jax":
+            import jax
+
+            state = getattr(self.fitted, "_jax_state", None) or {}
+            jax.block_until_ready([a for group in state.values() for a in group])
+        self.stamp = time.perf_counter()
 
 
 def _fit(
@@ -263,10 +286,10 @@ def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
     """Build, warm up, then time one ``fit`` of ``steps`` steps.
 
     Returns ``ms_per_step`` (the whole ``fit`` over ``steps``),
-    ``steady_ms_per_step`` (from the second batch's start to the end, over
-    ``steps - 1``: without ``fit``'s set-up and first step), ``first_step_ms``
-    (``fit``'s set-up plus the first step, with any re-tracing or re-compiling)
-    and the model's sizes.
+    ``steady_ms_per_step`` (from the start of batch ``STARTUP_STEPS`` to the end,
+    over the remaining steps: without ``fit``'s set-up and first steps),
+    ``startup_ms`` (``fit``'s set-up plus its first ``STARTUP_STEPS`` steps, with
+    any tracing or compiling that ``fit`` did again) and the model's sizes.
     """
     model = build_model(shape, mode)
     callbacks = make_callbacks(mode)
@@ -274,15 +297,15 @@ def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
     wait_for_device(model, callbacks)
     unalias_builtin_ema(model)
     data = make_data(shape, steps)
-    clock = StepClock()
+    clock = StepClock(model)
     start = time.perf_counter()
     _fit(model, shape, data, [*callbacks, clock])
     wait_for_device(model, callbacks)
     end = time.perf_counter()
     return {
         "ms_per_step": 1000.0 * (end - start) / steps,
-        "steady_ms_per_step": 1000.0 * (end - clock.second_batch_begin) / (steps - 1),
-        "first_step_ms": 1000.0 * (clock.second_batch_begin - start),
+        "steady_ms_per_step": 1000.0 * (end - clock.stamp) / (steps - STARTUP_STEPS),
+        "startup_ms": 1000.0 * (clock.stamp - start),
         "params": model.count_params(),
         "trainable_params": sum(
             int(np.prod(v.shape)) for v in model.trainable_variables
@@ -320,7 +343,7 @@ def measure_rss(shape: Shape, mode: str, steps: int) -> float:
     return json.loads(line)["rss_growth_kib"] / 1024.0
 
 
-METRICS = ("ms_per_step", "steady_ms_per_step", "first_step_ms")
+METRICS = ("ms_per_step", "steady_ms_per_step", "startup_ms")
 
 
 def run_shape(
@@ -380,7 +403,7 @@ def print_table(result: dict[str, Any]) -> None:
     )
     rss = "rss_growth_mib" in result
     print(
-        f"  {'mode':<18} {'ms/step':>9} {'steady':>9} {'1st step':>9} "
+        f"  {'mode':<18} {'ms/step':>9} {'steady':>9} {'startup':>9} "
         f"{'EMA MiB':>8}{' RSS+MiB' if rss else ''}  all ms/step"
     )
     none_bytes = result["state_bytes"].get("none", 0)
@@ -388,7 +411,7 @@ def print_table(result: dict[str, Any]) -> None:
         extra = (result["state_bytes"][mode] - none_bytes) / 2**20
         line = (
             f"  {mode:<18} {best:>9.4f} {result['steady_ms_per_step'][mode]:>9.4f} "
-            f"{result['first_step_ms'][mode]:>9.1f} {extra:>8.2f}"
+            f"{result['startup_ms'][mode]:>9.1f} {extra:>8.2f}"
         )
         if rss:
             line += f" {result['rss_growth_mib'][mode]:>7.1f}"

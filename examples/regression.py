@@ -13,8 +13,8 @@ backend::
     KERAS_BACKEND=jax python examples/regression.py --seeds 0 1 2 --out results/
 
 It prints the article's tables (progress every 10 epochs, final comparison,
-mean over seeds) and writes ``results.json`` and ``training_curves.png`` to
-the output folder.
+mean over seeds) and writes ``results.json`` (final scores and per-epoch
+histories) and ``training_curves.png`` to the output folder.
 
 Where Keras and PyTorch differ, the settings below follow the article's
 PyTorch behaviour:
@@ -42,9 +42,12 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import layers, ops
+from keras import layers
+from keras import ops
 from sklearn.datasets import make_regression
-from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+from sklearn.metrics import mean_absolute_error
+from sklearn.metrics import mean_squared_error
+from sklearn.metrics import r2_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
@@ -100,6 +103,7 @@ class RunResult:
                 "ema": float(np.std(self.history["val_ema_loss"])),
             },
             "seconds": round(self.seconds, 2),
+            "history": self.history,
         }
 
 
@@ -243,7 +247,8 @@ def print_progress(result: RunResult, y_val: np.ndarray) -> None:
     r2_online = r2_from_mse(h["val_loss"], y_val)
     r2_ema = r2_from_mse(h["val_ema_loss"], y_val)
     print(
-        f"\n--- seed {result.seed}: stopped after {result.epochs} epochs ({result.seconds:.1f} s)"
+        f"\n--- seed {result.seed}: stopped after {result.epochs} epochs "
+        f"({result.seconds:.1f} s)"
     )
     print(
         f"{'Epoch':>5} | {'Train':>7} | {'Online val':>10} | {'Online R2':>9} | "
@@ -265,7 +270,8 @@ def print_comparison(
     for name in ("mse", "mae", "r2"):
         gain = improvement(online[name], ema[name], higher_is_better=name == "r2")
         print(
-            f"{name.upper():>6} | {online[name]:8.4f} | {ema[name]:8.4f} | {gain:10.2f}%"
+            f"{name.upper():>6} | {online[name]:8.4f} | {ema[name]:8.4f} "
+            f"| {gain:10.2f}%"
         )
 
 
