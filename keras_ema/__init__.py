@@ -1,8 +1,9 @@
 """keras-ema: an exponential moving average of Keras 3 weights, as a callback."""
 
 from keras_ema.callback import EMA
+from keras_ema.checkpoint import EMAModelCheckpoint
 from keras_ema.schedule import WarmupSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["EMA", "WarmupSchedule", "__version__"]
+__all__ = ["EMA", "EMAModelCheckpoint", "WarmupSchedule", "__version__"]

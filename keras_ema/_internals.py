@@ -68,5 +68,12 @@ def raw_iterations(optimizer):
     return optimizer._iterations
 
 
+def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
+    """Calls `ModelCheckpoint._save_model`, the one place that writes a file
+    (every epoch, every N batches, best only), so the EMA swap wraps exactly
+    the write."""
+    checkpoint._save_model(epoch=epoch, batch=batch, logs=logs)
+
+
 def keras_version() -> tuple[int, ...]:
     return tuple(int(p) for p in keras.__version__.split(".")[:3] if p.isdigit())

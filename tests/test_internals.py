@@ -39,3 +39,9 @@ def test_train_function_attribute_is_used_by_fit():
     source = inspect.getsource(type(make_model()).fit)
     assert "self.train_function(" in source
     assert "self.make_train_function()" in source
+
+
+def test_model_checkpoint_writes_through_save_model():
+    assert callable(getattr(keras.callbacks.ModelCheckpoint, "_save_model", None))
+    source = inspect.getsource(keras.callbacks.ModelCheckpoint.on_epoch_end)
+    assert "self._save_model(" in source

@@ -274,3 +274,47 @@ def test_bfloat16_weights_get_float32_shadows_that_move():
             assert keras.backend.standardize_dtype(weight.dtype) == "bfloat16"
     for weight in model.weights:
         np.testing.assert_array_equal(weight.numpy(), online[weight.path])
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_ema_checkpoints_hold_ema_weights_in_any_order(tmp_path, ema_first):
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    every = keras_ema.EMAModelCheckpoint(ema, str(tmp_path / "e{epoch}.keras"))
+    best = keras_ema.EMAModelCheckpoint(
+        ema,
+        str(tmp_path / "best.keras"),
+        monitor="val_ema_loss",
+        mode="min",
+        save_best_only=True,
+    )
+    saved_at_epoch_end = {}
+
+    class Capture(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            saved_at_epoch_end[epoch] = (ema.get_weights(), self.model.get_weights())
+
+    x, y = make_data(48)
+    callbacks = [ema, every, best] if ema_first else [every, best, ema]
+    history = model.fit(
+        x,
+        y,
+        batch_size=8,
+        epochs=2,
+        validation_data=make_data(16, seed=1),
+        verbose=0,
+        callbacks=[Capture(), *callbacks],
+    )
+    for epoch in (0, 1):
+        loaded = keras.models.load_model(tmp_path / f"e{epoch + 1}.keras")
+        ema_weights, online = saved_at_epoch_end[epoch]
+        for a, b in zip(loaded.get_weights(), ema_weights, strict=True):
+            np.testing.assert_array_equal(a, b)
+    best_epoch = int(np.argmin(history.history["val_ema_loss"]))
+    loaded = keras.models.load_model(tmp_path / "best.keras")
+    for a, b in zip(
+        loaded.get_weights(), saved_at_epoch_end[best_epoch][0], strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(model.get_weights(), saved_at_epoch_end[1][1], strict=True):
+        np.testing.assert_array_equal(a, b)

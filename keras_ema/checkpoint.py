@@ -1,0 +1,45 @@
+"""`EMAModelCheckpoint`: `ModelCheckpoint` that saves the EMA weights."""
+
+from __future__ import annotations
+
+import keras
+
+from keras_ema import _internals
+
+
+class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Saves the model with its EMA weights, keeping the online ones in it.
+
+    Everything `keras.callbacks.ModelCheckpoint` does (every epoch, every N
+    batches, best only by any monitored key), but each file holds the EMA
+    weights: the save runs inside `ema.swap_weights()`. Unlike
+    `SwapEMAWeights` + `ModelCheckpoint`, the result does not depend on the
+    order of the callbacks, and the training model keeps its online weights.
+    The files are plain Keras files: `keras.models.load_model` opens them
+    without `keras_ema`.
+
+    Example:
+
+    >>> ema = keras_ema.EMA(beta=0.999)
+    >>> best = keras_ema.EMAModelCheckpoint(
+    ...     ema, "best_ema.keras", monitor="val_ema_loss", mode="min",
+    ...     save_best_only=True,
+    ... )
+    >>> model.fit(x, y, validation_data=(x_val, y_val),
+    ...           callbacks=[best, ema])
+
+    Args:
+        ema: The `keras_ema.EMA` callback whose weights are saved. It must be
+            in the same `fit` call.
+        filepath: As for `ModelCheckpoint`.
+        **kwargs: Any other `ModelCheckpoint` argument (`monitor`, `mode`,
+            `save_best_only`, `save_weights_only`, `save_freq`, ...).
+    """
+
+    def __init__(self, ema, filepath, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.ema = ema
+
+    def _save_model(self, epoch, batch, logs):
+        with self.ema.swap_weights():
+            _internals.model_checkpoint_save(super(), epoch, batch, logs)
