@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 
 import keras
 import numpy as np
@@ -76,7 +75,11 @@ def read(path: str) -> tuple[dict, list]:
     except ValueError as error:
         message = f"{path!r} is not a valid keras_ema state file: {error}"
         raise ValueError(message) from None
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as error:
+    except Exception as error:
+        # A damaged zip can fail deep inside `zipfile`/`zlib`/`json` with almost
+        # any exception type (NotImplementedError for a flipped compression
+        # flag, RuntimeError for a flipped encryption bit, ...): every one of
+        # them means the file is not a usable state.
         raise ValueError(
             f"{path!r} is not a valid keras_ema state file (unreadable, truncated "
             f"or corrupt): {type(error).__name__}: {error}"
