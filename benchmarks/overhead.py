@@ -1,11 +1,13 @@
 """Per-step cost of weight EMA in ``keras.Model.fit``, for one Keras backend.
 
-Four modes are timed on synthetic data, for several model shapes:
+Six modes are timed on synthetic data, for several model shapes:
 
 * ``none``: plain ``fit`` with Adam, no EMA;
 * ``builtin``: Keras' own optimizer flag, ``Adam(use_ema=True, ema_momentum=0.999)``;
 * ``keras_ema``: ``keras_ema.EMA(update_every=1, update_after_step=0)`` as a callback;
-* ``keras_ema_every10``: the same with ``update_every=10``.
+* ``keras_ema_every10``: the same with ``update_every=10``;
+* ``keras_ema_offload`` and ``keras_ema_offload_every10``: the two above with
+  ``offload_to_host=True`` (shadows in host memory, updated on the CPU).
 
 Each measurement builds and compiles a fresh model (same seed), runs a short warm-up
 ``fit`` of 12 steps (so that the first tracing and compilation are not timed), then
@@ -24,19 +26,21 @@ CPU). Three numbers come out of that one timed ``fit``:
 The modes are interleaved (none, builtin, keras_ema, keras_ema_every10, none, ...)
 for ``--repeats`` rounds and the minimum of each number per mode is kept; the ratios
 (``keras_ema_over_builtin``, ``keras_ema_over_none``, ``builtin_over_none``,
-``every10_over_none``) are computed from those minima, for ``ms_per_step`` at the top
-level of the JSON and for ``steady_ms_per_step`` under ``steady_ratios``.
+``every10_over_none``, ``offload_over_keras_ema``, ``offload_over_none``,
+``offload_every10_over_none``) are computed from those minima, for ``ms_per_step``
+at the top level of the JSON and for ``steady_ms_per_step`` under ``steady_ratios``.
 
 Memory: ``state_bytes`` is the bytes held in the optimizer's variables plus the
 EMA callback's shadow variables (``keras_ema.EMA.variables``) after the timed ``fit``,
 so ``state_bytes[mode] - state_bytes["none"]`` is exactly the EMA's shadow copy
-(4 bytes per tracked float32 element; the callback also tracks non-trainable floats
-such as BatchNormalization statistics, the built-in EMA only trainable ones). With
-``--rss``, for each mode one child process builds the model, runs the warm-up and one
-timed ``fit``, and reports the growth of its peak resident set (``ru_maxrss`` at the
-end minus the resident set just before the model was built). That includes
-compilation memory, temporaries and allocator noise: read it for big differences
-only (the ``big_mlp`` shadow is 42 MiB).
+(in host memory for the offload modes; 4 bytes per tracked float32 element; the
+callback also tracks non-trainable floats such as BatchNormalization statistics,
+the built-in EMA only trainable ones). With ``--rss``, for each mode one child
+process builds the model, runs the warm-up and one timed ``fit``, and reports the
+growth of its peak resident set (``ru_maxrss`` at the end minus the resident set
+just before the model was built). That includes compilation memory, temporaries
+and allocator noise: read it for big differences only (the ``big_mlp`` shadow is
+42 MiB).
 
 ``other_cpu_s`` is the CPU time that other processes used during a shape's run: the
 machine has 2 cores, and numbers taken while it is well above 0 are not comparable.
@@ -69,7 +73,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # the environment must be set before this import
 
-MODES: tuple[str, ...] = ("none", "builtin", "keras_ema", "keras_ema_every10")
+MODES: tuple[str, ...] = (
+    "none",
+    "builtin",
+    "keras_ema",
+    "keras_ema_every10",
+    "keras_ema_offload",
+    "keras_ema_offload_every10",
+)
+# Each keras_ema mode: (update_every, offload_to_host).
+KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
+    "keras_ema": (1, False),
+    "keras_ema_every10": (10, False),
+    "keras_ema_offload": (1, True),
+    "keras_ema_offload_every10": (10, True),
+}
 LEARNING_RATE = 1e-3
 BUILTIN_MOMENTUM = 0.999
 WARMUP_STEPS = 12  # covers a keras_ema_every10 averaging step (step 10) as well
@@ -166,15 +184,16 @@ def make_data(shape: Shape, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
     """The callbacks a mode passes to ``fit`` (the EMA callback, if any)."""
-    if mode == "keras_ema":
-        import keras_ema
+    if mode not in KERAS_EMA_MODES:
+        return []
+    import keras_ema
 
-        return [keras_ema.EMA(update_every=1, update_after_step=0)]
-    if mode == "keras_ema_every10":
-        import keras_ema
-
-        return [keras_ema.EMA(update_every=10, update_after_step=0)]
-    return []
+    update_every, offload = KERAS_EMA_MODES[mode]
+    return [
+        keras_ema.EMA(
+            update_every=update_every, update_after_step=0, offload_to_host=offload
+        )
+    ]
 
 
 def build_model(shape: Shape, mode: str) -> keras.Model:
@@ -388,6 +407,9 @@ def _ratios(best: dict[str, float]) -> dict[str, float]:
         "keras_ema_over_none": ("keras_ema", "none"),
         "builtin_over_none": ("builtin", "none"),
         "every10_over_none": ("keras_ema_every10", "none"),
+        "offload_over_keras_ema": ("keras_ema_offload", "keras_ema"),
+        "offload_over_none": ("keras_ema_offload", "none"),
+        "offload_every10_over_none": ("keras_ema_offload_every10", "none"),
     }
     return {
         k: best[a] / best[b] for k, (a, b) in pairs.items() if a in best and b in best
@@ -403,14 +425,14 @@ def print_table(result: dict[str, Any]) -> None:
     )
     rss = "rss_growth_mib" in result
     print(
-        f"  {'mode':<18} {'ms/step':>9} {'steady':>9} {'startup':>9} "
+        f"  {'mode':<26} {'ms/step':>9} {'steady':>9} {'startup':>9} "
         f"{'EMA MiB':>8}{' RSS+MiB' if rss else ''}  all ms/step"
     )
     none_bytes = result["state_bytes"].get("none", 0)
     for mode, best in result["ms_per_step"].items():
         extra = (result["state_bytes"][mode] - none_bytes) / 2**20
         line = (
-            f"  {mode:<18} {best:>9.4f} {result['steady_ms_per_step'][mode]:>9.4f} "
+            f"  {mode:<26} {best:>9.4f} {result['steady_ms_per_step'][mode]:>9.4f} "
             f"{result['startup_ms'][mode]:>9.1f} {extra:>8.2f}"
         )
         if rss:

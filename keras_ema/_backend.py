@@ -19,6 +19,8 @@ inside each backend's compiled train step.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 
 import keras
 from keras import ops
@@ -85,13 +87,78 @@ def variable_aggregation() -> str:
     return "only_first_replica" if BACKEND == "tensorflow" else "none"
 
 
+def shadow_layout(weight):
+    """The layout a shadow of `weight` is created with, or `None`.
+
+    On JAX under a `keras.distribution` it is the weight's own sharding.
+    Passed to `keras.Variable(layout=...)` it overrides the distribution's
+    default (replicated, or the `LayoutMap` entry that matches the shadow's
+    own path), so a sharded weight's shadow is never gathered, even briefly.
+    """
+    if BACKEND == "jax":
+        sharding = getattr(weight.value, "sharding", None)
+        if _spans_devices(sharding):
+            return sharding
+    return None
+
+
+def counter_layout(weights):
+    """The layout of the counters: replicated over the weights' devices.
+
+    The counters and the shadows enter one jitted update, which JAX refuses
+    when its arguments are committed to different devices; this holds even
+    when the EMA is created outside the distribution's scope.
+    """
+    if BACKEND == "jax":
+        import jax
+
+        for weight in weights:
+            sharding = getattr(weight.value, "sharding", None)
+            if _spans_devices(sharding) and hasattr(sharding, "mesh"):
+                return jax.sharding.NamedSharding(
+                    sharding.mesh, jax.sharding.PartitionSpec()
+                )
+    return None
+
+
+def _spans_devices(sharding) -> bool:
+    return sharding is not None and len(sharding.device_set) > 1
+
+
+def check_placement(weights) -> None:
+    """Raises where the EMA cannot be laid out like the weights.
+
+    Keras' torch trainer runs on one device and ignores `keras.distribution`
+    (the weights stay unsharded, every process trains alone); the torch
+    update also keeps all shadows in one flat buffer, on one device.
+    """
+    if BACKEND != "torch":
+        return
+    distribution = keras.distribution.distribution()
+    if distribution is not None:
+        raise ValueError(
+            "`keras_ema.EMA` does not support `keras.distribution` on the "
+            "torch backend: Keras' torch trainer ignores it and trains on one "
+            "device. Use the JAX backend for `keras.distribution`, or unset "
+            "the distribution (`keras.distribution.set_distribution(None)`). "
+            f"Received: distribution={distribution}"
+        )
+    devices = {str(w.value.device) for w in weights}
+    if len(devices) > 1:
+        raise ValueError(
+            "On the torch backend `keras_ema.EMA` needs all floating-point "
+            "weights of the model on one device. Received weights on "
+            f"devices={sorted(devices)}"
+        )
+
+
 def match_layout(shadow, weight) -> None:
     """Places a shadow exactly like its weight (same device or sharding)."""
     if BACKEND == "jax":
         import jax
 
         sharding = getattr(weight.value, "sharding", None)
-        if sharding is not None:
+        if sharding is not None and not _spans_devices(sharding):
             shadow._layout = getattr(weight, "_layout", None)
             shadow._value = jax.device_put(shadow._value, sharding)
     elif BACKEND == "torch":
@@ -173,6 +240,8 @@ class _TorchLiveValues(LiveValues):
 
 
 def live_values(state) -> LiveValues:
+    if state.offload:
+        return host_live_values(state)
     if BACKEND == "jax":
         return _JaxLiveValues(state)
     if BACKEND == "torch":
@@ -213,6 +282,11 @@ def _ema_logs(logs, counters, decay) -> dict:
 class _FusedTraining:
     """Installs the EMA update in a model's training and takes it out again."""
 
+    # Whether a built train function may serve the next `fit` too. Tracing
+    # (TF) or compiling (JAX) it again would cost every `fit` call far more
+    # than the EMA itself; Keras keeps its own train function across fits.
+    reusable = True
+
     def __init__(self, state):
         self.state = state
         self.model = state.model
@@ -230,8 +304,11 @@ class _FusedTraining:
         current = self.model.train_function
         if current is self._fused_train_function and current is not None:
             return
-        self._keras_train_function = current
-        self._fused_train_function = self._build()
+        # `compile` resets the train function: then the fused one is stale.
+        stale = current is not self._keras_train_function
+        if stale or self._fused_train_function is None or not self.reusable:
+            self._keras_train_function = current
+            self._fused_train_function = self._build()
         self.model.train_function = self._fused_train_function
 
     def uninstall(self) -> None:
@@ -361,17 +438,32 @@ def _jax_state_locator(model, weights):
 
 
 class _TorchTraining(_FusedTraining):
+    # Building is cheap here (no tracing), and it re-reads the optimizer's
+    # counter, which `train_on_batch` may have advanced between fits.
+    reusable = False
+
     def _build(self):
         model = self.model
         keras_train_function = self._keras_train_function
         kernel = self.state.live.kernel
-        accumulation = _optimizer_step_gate(model.optimizer)[1]
-        calls = [0]
+        iterations, accumulation = _optimizer_step_gate(model.optimizer)
+        may_skip = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        # The optimizer's raw counter, mirrored on the host: read once per
+        # `fit`, then counted, so a `fit` that ends mid-accumulation stays
+        # aligned with the optimizer.
+        counter = [int(ops.convert_to_numpy(iterations))]
 
         def train_function(data):
             logs = keras_train_function(data)
-            calls[0] += 1
-            real = not accumulation or calls[0] % accumulation == 0
+            if may_skip:
+                # A LossScaleOptimizer skips steps with non-finite gradients.
+                # Keras' torch `cond` has already read that flag on the host
+                # to decide, so reading the counter adds no new device sync.
+                after = int(iterations.value)
+                moved, counter[0] = after > counter[0], after
+            else:
+                moved, counter[0] = True, counter[0] + 1
+            real = moved and (not accumulation or counter[0] % accumulation == 0)
             decay = kernel.step(real)
             return _ema_logs(logs, (None, None, self.state.skipped.value), decay)
 
@@ -431,9 +523,14 @@ class TorchKernel:
         return schedule.decay(self.step_value)
 
     def _blend(self, weights) -> None:
+        with self.torch.no_grad():
+            online = self.torch.cat(self.views).to(self.flat.dtype)
+        self._blend_online(online, weights)
+
+    def _blend_online(self, online, weights) -> None:
+        """Blends `online` (the weights, flat, in buffer order) into `flat`."""
         torch = self.torch
         with torch.no_grad():
-            online = torch.cat(self.views).to(self.flat.dtype)
             finite = torch.isfinite(online).all()
             moved = torch.empty_like(self.flat)
             for kind, (start, stop) in self.segments.items():
@@ -483,6 +580,8 @@ def _segment(flat, state, mask) -> tuple[int, int]:
 
 
 def fused_training(state) -> _FusedTraining:
+    if state.offload:
+        return host_training(state)
     return {
         "tensorflow": _TensorFlowTraining,
         "jax": _JaxTraining,
@@ -508,6 +607,8 @@ class EagerUpdater:
 
     def _build(self):
         state = self.state
+        if state.offload:
+            return host_updater(state)
         if BACKEND == "torch":
             return state.live.kernel.step
         if BACKEND == "tensorflow":
@@ -542,3 +643,394 @@ class EagerUpdater:
 
             return run
         return lambda: _assign_update(state, None)
+
+
+# --------------------------------------------------------------------------
+# Shadows in host memory (`offload_to_host=True`)
+#
+# The shadows and counters live in host memory and the update runs on the
+# CPU. A step that is not due transfers nothing: the schedule is decided on
+# the host (JAX, torch) or inside the step's graph before any weight is read
+# (TensorFlow). On a due step the device-to-host copy is started without
+# waiting for the device where the backend allows it (JAX: asynchronous
+# dispatch; torch: `non_blocking` copies into pinned memory, blended later).
+
+HOST_DEVICE = "cpu:0"
+
+
+def check_offload(model) -> None:
+    """Raises where host shadows cannot follow the model's training."""
+    if BACKEND != "tensorflow":
+        return
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    if replicas > 1:
+        raise ValueError(
+            "`offload_to_host=True` does not support a `tf.distribute` strategy "
+            "with several replicas: every replica would write the same host "
+            f"shadows. Received: strategy={type(strategy).__name__} with "
+            f"{replicas} replicas."
+        )
+
+
+def host_scope():
+    """The scope in which host shadows and counters are created."""
+    return keras.device(HOST_DEVICE)
+
+
+def host_layout():
+    """A layout that keeps a variable in host memory through every `assign`.
+
+    On JAX an `assign` stores whatever array it gets (a NumPy array from a
+    state file would land on the default device); a variable with a layout
+    puts each new value there first. Other backends assign in place.
+    """
+    if BACKEND == "jax":
+        import jax
+
+        return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    return None
+
+
+def host_copy(value, dtype: str):
+    """A copy of `value` cast to `dtype` in host memory, sharing no buffer.
+
+    The cast runs on the host, so no full-size copy is made on the device.
+    """
+    if BACKEND == "jax":
+        import jax
+
+        host = jax.device_put(value, jax.devices("cpu")[0], may_alias=False)
+        return host.astype(dtype)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.device("/CPU:0"):
+            return tf.identity(tf.cast(tf.convert_to_tensor(value), dtype))
+    if BACKEND == "torch":
+        import torch
+
+        dtype = getattr(torch, dtype)
+        return value.detach().to(device="cpu", dtype=dtype, copy=True)
+    return fresh_copy(value, dtype)
+
+
+def copy_for_weight(value, weight):
+    """A fresh copy of a shadow value, cast to `weight`'s dtype and placed on
+    its device (host shadows go back to the accelerator on a swap)."""
+    copy = fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
+    if BACKEND == "jax":
+        import jax
+
+        sharding = getattr(weight.value, "sharding", None)
+        if sharding is not None and not copy.sharding.is_equivalent_to(
+            sharding, copy.ndim
+        ):
+            copy = jax.device_put(copy, sharding)
+    # TF and torch assignments copy across devices themselves.
+    return copy
+
+
+class _HostLiveValues(LiveValues):
+    """JAX and torch: the counters are Python ints inside a host kernel."""
+
+    def __init__(self, state):
+        super().__init__(state)
+        kernel_class = _TorchHostKernel if BACKEND == "torch" else _JaxHostKernel
+        self.kernel = kernel_class(state)
+
+    def sync_to_variables(self) -> None:
+        self.kernel.finish()
+        self._state.step.assign(self.kernel.step_value)
+        self._state.initialized.assign(int(self.kernel.initialized))
+
+    def invalidate(self) -> None:
+        # The variables were written from outside (a loaded state): an update
+        # still waiting for its copy belongs to the state they replaced.
+        self.kernel.discard()
+        self.kernel.read_counters()
+
+
+def host_live_values(state) -> LiveValues:
+    if BACKEND in ("jax", "torch"):
+        return _HostLiveValues(state)
+    return LiveValues(state)
+
+
+class _HostStepGate:
+    """The optimizer's iteration counter mirrored on the host.
+
+    Read once when training starts, then advanced per train step, so no step
+    waits for the device to tell whether the weights moved. Under gradient
+    accumulation the weights move when the counter reaches a multiple of the
+    accumulation steps. A `LossScaleOptimizer` skips steps whose gradients
+    overflow, which only the device knows: with one, every step reads the
+    counter back (a device sync per step, the price of exact counting).
+    """
+
+    def __init__(self, optimizer):
+        self.iterations, self.accumulation = _optimizer_step_gate(optimizer)
+        self.reads_device = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.sync()
+
+    def sync(self) -> None:
+        """Re-reads the counter (once per `fit`: `train_on_batch` may have
+        advanced it in between)."""
+        self.count = int(ops.convert_to_numpy(self.iterations.value))
+
+    def advance(self, iterations) -> bool:
+        """Whether the step just run moved the weights, given the optimizer's
+        counter after it (a device array, read only when it must be)."""
+        if self.reads_device:
+            before, self.count = self.count, int(iterations)
+            if self.count == before:
+                return False
+        else:
+            self.count += 1
+        return not self.accumulation or self.count % self.accumulation == 0
+
+
+def _host_schedule_step(kernel, real: bool, blend) -> float:
+    """The article's counter logic on host ints; `blend(step)` on due steps."""
+    schedule = kernel.state.schedule
+    step = kernel.step_value
+    if not real:
+        return schedule.decay(step)
+    kernel.step_value = step + 1
+    if step % schedule.update_every == 0:
+        blend(step)
+        if step > schedule.update_after_step:
+            kernel.initialized = True
+    return schedule.decay(kernel.step_value)
+
+
+class _JaxHostKernel:
+    """JAX: on a due step, `device_put` the weights to the CPU and run the
+    fused update there, jitted. Both calls are dispatched asynchronously, so
+    the train loop goes on while the copy and the update run."""
+
+    def __init__(self, state):
+        import jax
+
+        self.state = state
+        self._cpu = jax.devices("cpu")[0]
+        self._update = jax.jit(
+            functools.partial(_host_fused_update, state.schedule, state.kinds)
+        )
+        self.read_counters()
+
+    def read_counters(self) -> None:
+        self.step_value = int(ops.convert_to_numpy(self.state.step))
+        self.initialized = bool(ops.convert_to_numpy(self.state.initialized))
+
+    def step(self, real: bool = True, weights=None) -> float:
+        def blend(step):
+            import jax
+            import numpy as np
+
+            online = weights or [w.value for w in self.state.weights]
+            # `may_alias=False`: a CPU weight is copied too, since the next
+            # train step donates (deletes) the weight's buffer.
+            online = jax.device_put(list(online), self._cpu, may_alias=False)
+            counters = (
+                np.int32(step),
+                np.int32(self.initialized),
+                self.state.skipped.value,
+            )
+            shadows = [s.value for s in self.state.shadows]
+            new_shadows, skipped = self._update(counters, shadows, online)
+            for shadow, value in zip(self.state.shadows, new_shadows, strict=True):
+                shadow.assign(value)
+            self.state.skipped.assign(skipped)
+
+        return _host_schedule_step(self, real, blend)
+
+    def finish(self) -> None:
+        pass  # JAX arrays are futures: readers wait for them.
+
+    def discard(self) -> None:
+        pass
+
+
+def _host_fused_update(schedule, kinds, counters, shadows, weights):
+    from keras_ema.shadow import fused_update
+
+    (_, _, skipped), shadows, _ = fused_update(
+        schedule, kinds, counters, shadows, weights
+    )
+    return shadows, skipped
+
+
+class _TorchHostKernel(TorchKernel):
+    """torch: `TorchKernel` over a flat host buffer, blended one due step late.
+
+    A due step only starts copying the online weights into a pinned host
+    buffer (`non_blocking`) and returns; the blend runs on the CPU at the
+    next due step or when the shadows are read (`finish`), by which time the
+    copy has long landed. Only the CUDA event of that copy is waited for.
+    """
+
+    def __init__(self, state):
+        super().__init__(state)
+        torch = self.torch
+        self._pinned = torch.cuda.is_available() and any(
+            view.is_cuda for view in self.views
+        )
+        self.staging = torch.empty(
+            self.flat.shape, dtype=self.flat.dtype, pin_memory=self._pinned
+        )
+        offsets = itertools.accumulate((v.numel() for v in self.views), initial=0)
+        self.slots = [
+            self.staging[start : start + view.numel()]
+            for start, view in zip(offsets, self.views, strict=False)
+        ]
+        self._pending = None
+        self._copied = None
+
+    def _blend(self, weights) -> None:
+        self.finish()
+        with self.torch.no_grad():
+            for slot, view in zip(self.slots, self.views, strict=True):
+                slot.copy_(view, non_blocking=True)
+        if self._pinned:
+            self._copied = self.torch.cuda.Event()
+            self._copied.record()
+        self._pending = weights
+
+    def finish(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        self._blend_online(self.staging, pending)
+
+    def discard(self) -> None:
+        self._pending = None
+        self._copied = None
+
+
+class _TensorFlowHostTraining(_FusedTraining):
+    """TF: the update stays in the step's graph, its ops placed on the CPU.
+
+    XLA compiles a function for one device, so with `jit_compile` only Keras'
+    own step is XLA-compiled (a nested `tf.function`), and the host update
+    runs in the surrounding graph, which TF schedules across devices.
+    """
+
+    def _build(self):
+        import tensorflow as tf
+
+        state, model = self.state, self.model
+        iterations, accumulation = _optimizer_step_gate(model.optimizer)
+        keras_train_step = model.train_step
+        jit_compile = model.jit_compile
+        if jit_compile and not model.run_eagerly:
+            keras_train_step = tf.function(
+                keras_train_step, jit_compile=True, reduce_retracing=True
+            )
+
+        def train_step(data):
+            before = read(iterations)
+            logs = keras_train_step(data)
+            real = _real_step(before, read(iterations), accumulation)
+            counters, decay = _host_assign_update(state, real)
+            return _ema_logs(logs, counters, decay)
+
+        model.train_step = train_step
+        model.jit_compile = False
+        try:
+            model.make_train_function(force=True)
+        finally:
+            del model.train_step
+            model.jit_compile = jit_compile
+        return model.train_function
+
+
+def _host_assign_update(state, real):
+    """`_assign_update` with its ops on the CPU (TF graphs and eager).
+
+    The weights are read inside the due branch, on their own device, so a
+    step that is not due copies nothing to the host.
+    """
+    import tensorflow as tf
+
+    from keras_ema.shadow import fused_update
+
+    def read_weights():
+        with tf.device(None):
+            return [read(w) for w in state.weights]
+
+    with tf.device("/CPU:0"):
+        counters = [read(v) for v in state.counters]
+        shadows = [read(v) for v in state.shadows]
+        counters, shadows, decay = fused_update(
+            state.schedule, state.kinds, counters, shadows, read_weights, real
+        )
+        for variable, value in zip(
+            state.state_variables, [*counters, *shadows], strict=True
+        ):
+            variable.assign(value)
+    return counters, decay
+
+
+class _JaxHostTraining(_FusedTraining):
+    """JAX: Keras' own jitted step, then the host kernel per inner step."""
+
+    _gate = None
+
+    def install(self) -> None:
+        super().install()
+        self._gate.sync()
+
+    def _build(self):
+        import jax
+
+        state, model = self.state, self.model
+        kernel = state.live.kernel
+        locate = _jax_state_locator(model, state.weights)
+        self._gate = gate = _HostStepGate(model.optimizer)
+        iterations_index = _index_of(model.optimizer.variables, gate.iterations)
+        keras_train_step = model.train_step
+        if not model.run_eagerly and model.jit_compile:
+            keras_train_step = jax.jit(
+                keras_train_step,
+                donate_argnums=0,
+                out_shardings=_internals.jax_train_out_shardings(model),
+            )
+        steps_per_execution = model.steps_per_execution
+
+        def train_function(keras_state, iterator):
+            logs = decay = None
+            for index in range(steps_per_execution):
+                try:
+                    data = next(iterator)
+                except StopIteration:
+                    if index == 0:
+                        raise
+                    break
+                logs, keras_state = keras_train_step(keras_state, data)
+                real = gate.advance(keras_state[2][iterations_index])
+                decay = kernel.step(real, locate(keras_state))
+            counters = (None, None, state.skipped.value)
+            return _ema_logs(logs, counters, decay), keras_state
+
+        return train_function
+
+
+def host_training(state) -> _FusedTraining:
+    return {
+        "tensorflow": _TensorFlowHostTraining,
+        "jax": _JaxHostTraining,
+        "torch": _TorchTraining,
+    }[BACKEND](state)
+
+
+def host_updater(state):
+    """`EMA.update()` with host shadows."""
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda: _host_assign_update(state, None)[0], autograph=False)
+    return state.live.kernel.step

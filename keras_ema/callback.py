@@ -10,10 +10,15 @@ from keras import ops
 
 from keras_ema import _backend
 from keras_ema import _internals
+from keras_ema import backup
 from keras_ema import state_io
 from keras_ema.schedule import WarmupSchedule
 from keras_ema.shadow import ShadowState
 from keras_ema.shadow import check_names
+
+# Where the shadows live changes no value: a state file saved with another
+# placement loads without a warning.
+_PLACEMENT_OPTIONS = ("offload_to_host",)
 
 
 class EMA(keras.callbacks.Callback):
@@ -74,6 +79,12 @@ class EMA(keras.callbacks.Callback):
             Defaults to `()`.
         ignore_startswith_names: Weight path prefixes left alone once the
             warm-up is over. Defaults to `()`.
+        offload_to_host: Whether to keep the shadows in host memory, for
+            models whose EMA does not fit beside the weights on the
+            accelerator. Only due steps (every `update_every`-th) copy the
+            weights to the host, where the update runs; on JAX and torch the
+            copy does not hold up the train step. Swaps and state files work
+            the same. Defaults to `False`.
 
     References:
         - Karras et al., 2024, "Analyzing and Improving the Training Dynamics
@@ -92,6 +103,7 @@ class EMA(keras.callbacks.Callback):
         param_or_buffer_names_no_ema=(),
         ignore_names=(),
         ignore_startswith_names=(),
+        offload_to_host: bool = False,
     ):
         super().__init__()
         self.schedule = WarmupSchedule(
@@ -109,6 +121,12 @@ class EMA(keras.callbacks.Callback):
         self.ignore_startswith_names = check_names(
             "ignore_startswith_names", ignore_startswith_names
         )
+        if not isinstance(offload_to_host, bool):
+            raise ValueError(
+                "`offload_to_host` must be a boolean. "
+                f"Received: offload_to_host={offload_to_host!r}"
+            )
+        self.offload_to_host = offload_to_host
         self._state = None
         self._training = None
         self._updater = None
@@ -202,7 +220,7 @@ class EMA(keras.callbacks.Callback):
         self._restore_online_weights()
         state.live.sync_to_variables()
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
-            weight.assign(_backend.fresh_copy(shadow.value, weight.dtype))
+            weight.assign(_backend.copy_for_weight(shadow.value, weight))
 
     def save_state(self, path: str) -> None:
         """Writes the counters, hyperparameters and shadows to `path`.
@@ -210,9 +228,7 @@ class EMA(keras.callbacks.Callback):
         The file is a NumPy `.npz` archive with a JSON header (no pickle),
         written atomically: a crash mid-save leaves any previous file intact.
         """
-        state = self._require_state()
-        self._restore_online_weights()
-        state_io.save(path, state, self.get_config())
+        self._write_state(path)
 
     def load_state(self, path: str) -> None:
         """Restores what `save_state` wrote, after checking all of it.
@@ -224,9 +240,22 @@ class EMA(keras.callbacks.Callback):
         keeps its own hyperparameters: where the file's differ, a warning
         names them.
         """
+        self._apply_state(*self._read_state(path))
+
+    def _write_state(self, path) -> None:
+        # No `_restore_online_weights()` here: a checkpoint may be written
+        # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
+        state_io.save(path, self._require_state(), self.get_config())
+
+    def _read_state(self, path) -> tuple:
+        """Reads and checks a state file against the model; changes nothing."""
         state = self._require_state()
         header, arrays = state_io.read(path)
         arrays = state_io.match(header, arrays, state, path)
+        return header, arrays, path
+
+    def _apply_state(self, header: dict, arrays: list, path) -> None:
+        state = self._require_state()
         self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
         self._restore_online_weights()
         for shadow, array in zip(state.shadows, arrays, strict=True):
@@ -236,11 +265,18 @@ class EMA(keras.callbacks.Callback):
         state.skipped.assign(header["skipped"])
         state.live.invalidate()
 
+    def _follow_loaded_weights(self) -> None:
+        """After `model.load_weights` without an EMA file: an EMA that has not
+        updated yet is a copy of the weights, so it takes the loaded ones."""
+        if self._state is not None and self.step == 0:
+            self._restore_online_weights()
+            self._state.copy_weights_into_shadows()
+
     def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
         differing = {
             name: {"file": saved.get(name), "callback": value}
             for name, value in self.get_config().items()
-            if saved.get(name) != value
+            if saved.get(name) != value and name not in _PLACEMENT_OPTIONS
         }
         if differing:
             warnings.warn(
@@ -255,6 +291,7 @@ class EMA(keras.callbacks.Callback):
             "param_or_buffer_names_no_ema": list(self.param_or_buffer_names_no_ema),
             "ignore_names": list(self.ignore_names),
             "ignore_startswith_names": list(self.ignore_startswith_names),
+            "offload_to_host": self.offload_to_host,
         }
 
     @classmethod
@@ -274,14 +311,18 @@ class EMA(keras.callbacks.Callback):
             )
         self._finish_training()
         super().set_model(model)
+        backup.attach(model, self)
         if self._state is None and model.built:
             self._create_state()
 
     def on_train_begin(self, logs=None) -> None:
         state = self._require_state()
         state.check_model_unchanged()
+        # A distribution may be set after the EMA was created.
+        _backend.check_placement(state.weights)
         self._restore_online_weights()
-        self._training = _backend.fused_training(state)
+        if self._training is None:
+            self._training = _backend.fused_training(state)
         self._training.install()
         self._unwrap_evaluate = _internals.wrap_evaluate(
             self.model, self._evaluate_online_and_ema
@@ -326,6 +367,7 @@ class EMA(keras.callbacks.Callback):
             no_ema=self.param_or_buffer_names_no_ema,
             ignore=self.ignore_names,
             ignore_prefixes=self.ignore_startswith_names,
+            offload=self.offload_to_host,
         )
 
     def _require_state(self) -> ShadowState:
@@ -347,8 +389,9 @@ class EMA(keras.callbacks.Callback):
             self._unwrap_evaluate()
             self._unwrap_evaluate = None
         if self._training is not None:
+            # Kept (not dropped) so that the next `fit` reuses its compiled
+            # train function.
             self._training.uninstall()
-            self._training = None
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
         """`fit`'s validation: online metrics, then the same with EMA weights."""
@@ -371,8 +414,7 @@ class EMA(keras.callbacks.Callback):
         backup = [_backend.snapshot(w) for w in state.weights]
         self._online_backup = backup
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
-            dtype = keras.backend.standardize_dtype(weight.dtype)
-            weight.assign(_backend.fresh_copy(shadow.value, dtype))
+            weight.assign(_backend.copy_for_weight(shadow.value, weight))
 
     def _swap_out(self) -> None:
         self._restore_online_weights()

@@ -109,7 +109,9 @@ def fused_update(
         kinds: One `Kind` per shadow.
         counters: `(step, initialized, skipped)` int32 scalars.
         shadows: The current shadow values.
-        weights: The current online weight values, aligned with `shadows`.
+        weights: The current online weight values, aligned with `shadows`,
+            or a function returning them, called only on a due step (so that
+            a host update reads, and transfers, no weight otherwise).
         real_step: Optional boolean scalar; `False` when the optimizer did not
             change the weights this step (gradient accumulation), in which
             case nothing happens, the counter included.
@@ -130,9 +132,10 @@ def fused_update(
     weight = schedule.update_weight(new_step)
 
     def blend():
-        finite = _all_finite(weights)
+        values = weights() if callable(weights) else weights
+        finite = _all_finite(values)
         new = []
-        for kind, shadow, value in zip(kinds, shadows, weights, strict=True):
+        for kind, shadow, value in zip(kinds, shadows, values, strict=True):
             value = ops.cast(value, shadow.dtype)
             if kind == Kind.AVERAGE:
                 moved = shadow + ops.cast(weight, shadow.dtype) * (value - shadow)
@@ -165,10 +168,20 @@ class ShadowState:
         no_ema: Paths copied, never averaged.
         ignore: Paths left alone after the warm-up.
         ignore_prefixes: Path prefixes left alone after the warm-up.
+        offload: Whether the shadows and counters live in host memory.
     """
 
-    def __init__(self, model, schedule, no_ema=(), ignore=(), ignore_prefixes=()):
+    def __init__(
+        self,
+        model,
+        schedule,
+        no_ema=(),
+        ignore=(),
+        ignore_prefixes=(),
+        offload=False,
+    ):
         self.model = model
+        self.offload = offload
         self.schedule = schedule
         self.weights = tracked_weights(model)
         if not self.weights:
@@ -180,17 +193,24 @@ class ShadowState:
         self.paths = [w.path for w in self.weights]
         self.kinds = classify(self.paths, no_ema, ignore, ignore_prefixes)
         self.signature = weights_signature(self.weights)
-        with _backend.variable_scope(model):
+        _backend.check_placement(self.weights)
+        counter_layout = _backend.counter_layout(self.weights)
+        scope = _backend.variable_scope(model)
+        if offload:
+            _backend.check_offload(model)
+            counter_layout = _backend.host_layout()
+            scope = _backend.host_scope()
+        with scope:
             self.shadows = [self._make_shadow(w, i) for i, w in enumerate(self.weights)]
-            self.step = _counter("ema_step")
-            self.initialized = _counter("ema_initialized")
-            self.skipped = _counter("ema_skipped")
+            self.step = _counter("ema_step", counter_layout)
+            self.initialized = _counter("ema_initialized", counter_layout)
+            self.skipped = _counter("ema_skipped", counter_layout)
         self.live = _backend.live_values(self)
 
-    @staticmethod
-    def _make_shadow(weight, index: int):
+    def _make_shadow(self, weight, index: int):
         dtype = shadow_dtype(keras.backend.standardize_dtype(weight.dtype))
-        value = _backend.fresh_copy(weight.value, dtype)
+        copy = _backend.host_copy if self.offload else _backend.fresh_copy
+        value = copy(weight.value, dtype)
         name = f"ema_{index}_" + weight.path.replace("/", "_")
         shadow = keras.Variable(
             value,
@@ -199,8 +219,14 @@ class ShadowState:
             name=name,
             autocast=False,
             aggregation=_backend.variable_aggregation(),
+            layout=(
+                _backend.host_layout()
+                if self.offload
+                else _backend.shadow_layout(weight)
+            ),
         )
-        _backend.match_layout(shadow, weight)
+        if not self.offload:
+            _backend.match_layout(shadow, weight)
         return shadow
 
     @property
@@ -243,11 +269,12 @@ def weights_signature(weights) -> tuple:
     )
 
 
-def _counter(name: str):
+def _counter(name: str, layout=None):
     return keras.Variable(
         0,
         dtype="int32",
         trainable=False,
         name=name,
         aggregation=_backend.variable_aggregation(),
+        layout=layout,
     )

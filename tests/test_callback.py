@@ -294,3 +294,27 @@ def test_step_is_an_int_and_decay_a_float():
     ema.update()
     assert isinstance(ema.step, int) and int(ema.step) == 2
     assert isinstance(ema.get_current_decay(), float)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="On torch nothing is compiled; the train function is rebuilt.",
+)
+def test_second_fit_reuses_the_fused_train_function_until_recompile():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    seen = []
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 0:
+                seen.append(self.model.train_function)
+
+    x, y = make_data(16)
+    for recompile in (False, False, True):
+        if recompile:
+            model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema, Capture()])
+    assert seen[0] is seen[1]
+    assert seen[2] is not seen[1]
+    assert ema.step == 6

@@ -10,6 +10,7 @@ from conftest import ema_values
 from conftest import float_weights
 from conftest import make_data
 from conftest import make_model
+from keras import ops
 from oracle import ArticleEMA
 
 import keras_ema
@@ -171,3 +172,60 @@ def test_steps_per_execution_averages_every_optimizer_step():
     )
     assert ema.step == 12 == oracle.step
     assert_close(oracle.ema, ema_values(ema), rtol=1e-4, atol=1e-5)
+
+
+class OnAppliedSteps(keras.callbacks.Callback):
+    """Replays into the oracle the batches after which the optimizer's public
+    `iterations` advanced: the steps that really changed the weights."""
+
+    def __init__(self, oracle):
+        super().__init__()
+        self.oracle = oracle
+        self.iterations = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        iterations = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        if iterations > (self.iterations[-1] if self.iterations else 0):
+            self.oracle.update(float_weights(self.model))
+        self.iterations.append(iterations)
+
+
+def test_mixed_float16_counts_only_steps_the_loss_scale_optimizer_applied():
+    # Under "mixed_float16", `compile` wraps the optimizer in a
+    # LossScaleOptimizer whose first steps overflow (initial scale 2**15) and
+    # are skipped: the EMA must advance only on the steps that moved weights.
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = make_model()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    ema = keras_ema.EMA(**hp)
+    oracle = ArticleEMA(float_weights(model), **hp)
+    recorder = OnAppliedSteps(oracle)
+    x, y = make_data(96)
+    x = x * 300.0  # large activations make the scaled float16 gradients overflow
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
+    applied = recorder.iterations
+    assert applied[-1] < len(applied), "no step was skipped: the test tests nothing"
+    assert {keras.backend.standardize_dtype(v.dtype) for v in ema.variables} == {
+        "float32"
+    }
+    assert ema.step == oracle.step == applied[-1]
+    assert_close(oracle.ema, ema_values(ema))
+
+
+def test_gradient_accumulation_across_fits_ending_mid_accumulation():
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=3)
+    model = make_model(optimizer=optimizer)
+    ema = keras_ema.EMA(**hp)
+    oracle = ArticleEMA(float_weights(model), **hp)
+    recorder = OnAppliedSteps(oracle)
+    x, y = make_data(80)  # 10 batches: each fit ends mid-accumulation
+    for _ in range(2):
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema, recorder], verbose=0)
+    assert recorder.iterations[-1] == 6
+    assert ema.step == oracle.step == 6
+    assert_close(oracle.ema, ema_values(ema))

@@ -20,6 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import keras_ema
+from keras_ema.backup import sidecar_path
 
 HP = dict(beta=0.99, update_after_step=2, update_every=1)
 
@@ -188,7 +189,7 @@ def saved_state(tmp_path_factory):
 
 
 @settings(
-    max_examples=40,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
@@ -318,3 +319,101 @@ def test_ema_checkpoints_hold_ema_weights_in_any_order(tmp_path, ema_first):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(model.get_weights(), saved_at_epoch_end[1][1], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+class PreemptAt(keras.callbacks.Callback):
+    """Kills the run when epoch `epoch` begins, as a preemption would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt("preempted")
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_backup_and_restore_resumes_the_ema_with_no_extra_code(tmp_path, ema_first):
+    x, y = make_data(48)
+    keras.utils.set_random_seed(3)
+    initial = make_model().get_weights()
+    backup_dir = str(tmp_path / "backup")
+
+    def run(*callbacks):
+        keras.backend.clear_session()
+        model = make_model()
+        model.set_weights(initial)
+        ema = keras_ema.EMA(**HP)
+        callbacks = [ema, *callbacks] if ema_first else [*callbacks, ema]
+        model.fit(
+            x, y, batch_size=8, epochs=4, shuffle=False, verbose=0, callbacks=callbacks
+        )
+        return model, ema
+
+    full_model, full_ema = run()
+    full = (full_ema.step, ema_values(full_ema), full_model.get_weights())
+
+    with pytest.raises(KeyboardInterrupt):
+        run(keras.callbacks.BackupAndRestore(backup_dir), PreemptAt(2))
+    assert os.path.exists(sidecar_path(os.path.join(backup_dir, "latest.weights.h5")))
+
+    model, ema = run(keras.callbacks.BackupAndRestore(backup_dir))
+    assert ema.step == full[0] == 24
+    assert_close(
+        dict(enumerate(full[1].values())),
+        dict(enumerate(ema_values(ema).values())),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    for a, b in zip(full[2], model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not os.path.exists(backup_dir)
+
+
+def test_save_weights_carries_the_ema_state_and_load_weights_restores_it(tmp_path):
+    model, ema = trained()
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    assert os.path.exists(sidecar_path(path))
+    keras.backend.clear_session()
+    other = make_model()
+    other_ema = keras_ema.EMA(**HP)
+    other_ema.set_model(other)
+    other.load_weights(path)
+    assert other_ema.step == ema.step
+    assert_bit_equal(
+        dict(enumerate(ema_values(ema).values())),
+        dict(enumerate(ema_values(other_ema).values())),
+    )
+
+
+def test_load_weights_refuses_a_bad_ema_file_before_changing_anything(tmp_path):
+    model, ema = trained()
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    Path(sidecar_path(path)).write_bytes(b"not a state file")
+    keras.backend.clear_session()
+    other = make_model()
+    other_ema = keras_ema.EMA(**HP)
+    other_ema.set_model(other)
+    weights_before, ema_before = other.get_weights(), ema_values(other_ema)
+    with pytest.raises(ValueError, match="not a valid keras_ema state file"):
+        other.load_weights(path)
+    for a, b in zip(weights_before, other.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert_bit_equal(ema_before, ema_values(other_ema))
+
+
+def test_load_weights_without_ema_file_resets_an_ema_that_never_updated(tmp_path):
+    source = make_model()
+    path = str(tmp_path / "plain.weights.h5")
+    source.save_weights(path)  # no EMA attached: no EMA file
+    assert not os.path.exists(sidecar_path(path))
+    keras.backend.clear_session()
+    model = make_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    model.load_weights(path)
+    expected = {w.path: np.asarray(w.numpy()) for w in model.weights}
+    assert_bit_equal({p: expected[p] for p in ema.tracked_paths}, ema_values(ema))

@@ -1,0 +1,74 @@
+"""EMA state files written beside the model's weights files.
+
+`keras.callbacks.BackupAndRestore` checkpoints a run with
+`model.save_weights(path)` and resumes it with `model.load_weights(path)`;
+the EMA shadows are not model weights, so on their own they would be lost.
+While an `EMA` callback is attached to a model, both methods of that model
+instance also write and read the EMA state (`state_io`'s format) at
+`sidecar_path(path, index)`, `index` being the callback's position among the
+EMA callbacks attached to the model. A restarted run with the same callbacks
+therefore resumes the EMA, its counter included, with no extra code; so does
+`ModelCheckpoint(save_weights_only=True)` followed by `load_weights`.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+# model -> the EMA callbacks attached to it, in the order they were attached.
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def sidecar_path(weights_path, index: int = 0) -> str:
+    """Where the EMA state that goes with a weights file is kept."""
+    suffix = ".ema.npz" if index == 0 else f".ema{index}.npz"
+    return os.fspath(weights_path) + suffix
+
+
+def attach(model, ema) -> None:
+    """Makes `model.save_weights`/`load_weights` carry `ema`'s state too."""
+    callbacks = _ATTACHED.setdefault(model, [])
+    if any(ref() is ema for ref in callbacks):
+        return
+    callbacks[:] = [ref for ref in callbacks if ref() is not None]
+    callbacks.append(weakref.ref(ema))
+    if "save_weights" not in model.__dict__:
+        _wrap_weights_methods(model)
+
+
+def _attached(model) -> list:
+    return [ema for ema in (ref() for ref in _ATTACHED.get(model, [])) if ema]
+
+
+def _wrap_weights_methods(model) -> None:
+    keras_save_weights = type(model).save_weights.__get__(model)
+    keras_load_weights = type(model).load_weights.__get__(model)
+
+    def save_weights(filepath, *args, **kwargs):
+        result = keras_save_weights(filepath, *args, **kwargs)
+        for index, ema in enumerate(_attached(model)):
+            ema._write_state(sidecar_path(filepath, index))
+        return result
+
+    def load_weights(filepath, *args, **kwargs):
+        # The EMA files are checked first, so that a state that does not fit
+        # the model is refused before any weight changes.
+        pending = []
+        for index, ema in enumerate(_attached(model)):
+            path = sidecar_path(filepath, index)
+            if os.path.exists(path):
+                pending.append((ema, ema._read_state(path)))
+        result = keras_load_weights(filepath, *args, **kwargs)
+        for ema in _attached(model):
+            loaded = [state for owner, state in pending if owner is ema]
+            if loaded:
+                ema._apply_state(*loaded[0])
+            else:
+                ema._follow_loaded_weights()
+        return result
+
+    save_weights.__doc__ = keras_save_weights.__doc__
+    load_weights.__doc__ = keras_load_weights.__doc__
+    model.save_weights = save_weights
+    model.load_weights = load_weights
