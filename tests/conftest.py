@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
 BACKEND = keras.backend.backend()
+
+# tests/test_distribution.py runs `tf.distribute.MirroredStrategy` on two
+# logical CPUs. They can only be configured before TensorFlow initialises its
+# runtime, and the whole session is one process: so here, at import time.
+TF_LOGICAL_CPUS = 2
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    # If a plugin already initialised TensorFlow this raises RuntimeError:
+    # the rest runs, and the MirroredStrategy tests fail on their device count.
+    with contextlib.suppress(RuntimeError):
+        tf.config.set_logical_device_configuration(
+            _cpu, [tf.config.LogicalDeviceConfiguration()] * TF_LOGICAL_CPUS
+        )
+# The `keras.distribution` tests want four virtual CPU devices on JAX (tox
+# sets the flag; this covers a bare `pytest`). XLA reads it when JAX first
+# creates its backend, which importing Keras does not do.
+JAX_DEVICES = 4
+if BACKEND == "jax" and "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={JAX_DEVICES}"
+    ).strip()
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 
 import keras
+import pytest
+from conftest import BACKEND
 from conftest import make_model
 
 from keras_ema import _internals
@@ -45,3 +47,27 @@ def test_model_checkpoint_writes_through_save_model():
     assert callable(getattr(keras.callbacks.ModelCheckpoint, "_save_model", None))
     source = inspect.getsource(keras.callbacks.ModelCheckpoint.on_epoch_end)
     assert "self._save_model(" in source
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX trainer only.")
+def test_jax_train_out_shardings_mirror_keras_make_train_function():
+    source = inspect.getsource(type(make_model()).make_train_function)
+    assert "self._get_state_sharding_spec()" in source
+    assert "out_shardings = (None, state_shardings)" in source
+
+    assert _internals.jax_train_out_shardings(make_model()) is None
+    devices = keras.distribution.list_devices()
+    with keras.distribution.DataParallel(devices=devices).scope():
+        model = make_model()
+        model.optimizer.build(model.trainable_variables)
+        logs_sharding, state = _internals.jax_train_out_shardings(model)
+    assert logs_sharding is None
+    groups = (
+        model.trainable_variables,
+        model.non_trainable_variables,
+        model.optimizer.variables,
+        model.metrics_variables,
+    )
+    assert len(state) == len(groups)
+    for shardings, variables in zip(state, groups, strict=True):
+        assert shardings == [v.value.sharding for v in variables]
