@@ -265,6 +265,39 @@ def _optimizer_step_gate(optimizer):
     return _internals.raw_iterations(inner), accumulation
 
 
+class _HostStepGate:
+    """The optimizer's iteration counter mirrored on the host.
+
+    Read once when training starts, then advanced per train step, so no step
+    waits for the device to tell whether the weights moved. Under gradient
+    accumulation the weights move when the counter reaches a multiple of the
+    accumulation steps. A `LossScaleOptimizer` skips steps whose gradients
+    overflow, which only the device knows: with one, every step reads the
+    counter back (a device sync per step, the price of exact counting).
+    """
+
+    def __init__(self, optimizer):
+        self.iterations, self.accumulation = _optimizer_step_gate(optimizer)
+        self.reads_device = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.sync()
+
+    def sync(self) -> None:
+        """Re-reads the counter (once per `fit`: `train_on_batch` may have
+        advanced it in between)."""
+        self.count = int(ops.convert_to_numpy(self.iterations.value))
+
+    def advance(self, iterations) -> bool:
+        """Whether the step just run moved the weights, given the optimizer's
+        counter after it (a device array, read only when it must be)."""
+        if self.reads_device:
+            before, self.count = self.count, int(iterations)
+            if self.count == before:
+                return False
+        else:
+            self.count += 1
+        return not self.accumulation or self.count % self.accumulation == 0
+
+
 def _real_step(before, after, accumulation_steps):
     moved = ops.greater(after, before)
     if accumulation_steps:
@@ -446,25 +479,14 @@ class _TorchTraining(_FusedTraining):
         model = self.model
         keras_train_function = self._keras_train_function
         kernel = self.state.live.kernel
-        iterations, accumulation = _optimizer_step_gate(model.optimizer)
-        may_skip = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        # The optimizer's raw counter, mirrored on the host: read once per
-        # `fit`, then counted, so a `fit` that ends mid-accumulation stays
-        # aligned with the optimizer.
-        counter = [int(ops.convert_to_numpy(iterations))]
+        # With a LossScaleOptimizer the gate reads the counter every step, but
+        # Keras' torch `cond` has already read the overflow flag on the host
+        # to skip or apply the step, so that adds no new device sync.
+        gate = _HostStepGate(model.optimizer)
 
         def train_function(data):
             logs = keras_train_function(data)
-            if may_skip:
-                # A LossScaleOptimizer skips steps with non-finite gradients.
-                # Keras' torch `cond` has already read that flag on the host
-                # to decide, so reading the counter adds no new device sync.
-                after = int(iterations.value)
-                moved, counter[0] = after > counter[0], after
-            else:
-                moved, counter[0] = True, counter[0] + 1
-            real = moved and (not accumulation or counter[0] % accumulation == 0)
-            decay = kernel.step(real)
+            decay = kernel.step(gate.advance(gate.iterations.value))
             return _ema_logs(logs, (None, None, self.state.skipped.value), decay)
 
         return train_function
@@ -755,39 +777,6 @@ def host_live_values(state) -> LiveValues:
     if BACKEND in ("jax", "torch"):
         return _HostLiveValues(state)
     return LiveValues(state)
-
-
-class _HostStepGate:
-    """The optimizer's iteration counter mirrored on the host.
-
-    Read once when training starts, then advanced per train step, so no step
-    waits for the device to tell whether the weights moved. Under gradient
-    accumulation the weights move when the counter reaches a multiple of the
-    accumulation steps. A `LossScaleOptimizer` skips steps whose gradients
-    overflow, which only the device knows: with one, every step reads the
-    counter back (a device sync per step, the price of exact counting).
-    """
-
-    def __init__(self, optimizer):
-        self.iterations, self.accumulation = _optimizer_step_gate(optimizer)
-        self.reads_device = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.sync()
-
-    def sync(self) -> None:
-        """Re-reads the counter (once per `fit`: `train_on_batch` may have
-        advanced it in between)."""
-        self.count = int(ops.convert_to_numpy(self.iterations.value))
-
-    def advance(self, iterations) -> bool:
-        """Whether the step just run moved the weights, given the optimizer's
-        counter after it (a device array, read only when it must be)."""
-        if self.reads_device:
-            before, self.count = self.count, int(iterations)
-            if self.count == before:
-                return False
-        else:
-            self.count += 1
-        return not self.accumulation or self.count % self.accumulation == 0
 
 
 def _host_schedule_step(kernel, real: bool, blend) -> float:
