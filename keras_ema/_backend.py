@@ -193,6 +193,38 @@ class LiveValues:
         self.invalidate()
 
 
+def _committed_copy(array):
+    """A copy of a JAX array committed to the array's own devices.
+
+    `jax.jit` compiles once per placement of its arguments, and the arrays it
+    returns are committed. Feeding it an uncommitted copy at the start of a
+    `fit` would make every `fit` compile the fused step again.
+    """
+    import jax
+
+    return jax.device_put(array, array.sharding, may_alias=False)
+
+
+def _committed(tree):
+    """`tree` with every uncommitted array committed to its device.
+
+    Keras starts each epoch with some uncommitted arrays in its state (fresh
+    variables, metrics just reset); the step's outputs are committed. Keras'
+    own step takes either without compiling again, but a step that also
+    takes the (committed) EMA arrays is compiled once per mix of the two, so
+    a new epoch or `fit` would compile it again. Committing everything at an
+    epoch's first step keeps one compiled step for all of them.
+    """
+    import jax
+
+    def commit(array):
+        if getattr(array, "committed", True):
+            return array
+        return jax.device_put(array, array.sharding)
+
+    return jax.tree.map(commit, tree)
+
+
 class _JaxLiveValues(LiveValues):
     """During a JAX `fit`, the EMA state lives in arrays the loop donates."""
 
@@ -203,8 +235,7 @@ class _JaxLiveValues(LiveValues):
     def arrays(self) -> list:
         if self._arrays is None:
             self._arrays = [
-                fresh_copy(v.value, keras.backend.standardize_dtype(v.dtype))
-                for v in self._state.state_variables
+                _committed_copy(v.value) for v in self._state.state_variables
             ]
         return self._arrays
 
@@ -350,6 +381,9 @@ class _FusedTraining:
         self._restore_model()
         self.state.live.release()
 
+    def start_epoch(self) -> None:
+        """Called at each epoch's start, when Keras has reset its metrics."""
+
     def _build(self):
         raise NotImplementedError
 
@@ -398,6 +432,11 @@ def _assign_update(state, real):
 
 
 class _JaxTraining(_FusedTraining):
+    _first_step = True
+
+    def start_epoch(self) -> None:
+        self._first_step = True
+
     def _build(self):
         import jax
 
@@ -436,6 +475,9 @@ class _JaxTraining(_FusedTraining):
         live = state.live
 
         def train_function(keras_state, iterator):
+            if self._first_step:
+                keras_state = _committed(keras_state)
+                self._first_step = False
             logs = None
             for index in range(steps_per_execution):
                 try:

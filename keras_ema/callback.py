@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterable
+from collections.abc import Iterator
 
 import keras
 from keras import ops
@@ -100,11 +102,11 @@ class EMA(keras.callbacks.Callback):
         inv_gamma: float = 1.0,
         power: float = 2 / 3,
         min_value: float = 0.0,
-        param_or_buffer_names_no_ema=(),
-        ignore_names=(),
-        ignore_startswith_names=(),
+        param_or_buffer_names_no_ema: Iterable[str] = (),
+        ignore_names: Iterable[str] = (),
+        ignore_startswith_names: Iterable[str] = (),
         offload_to_host: bool = False,
-    ):
+    ) -> None:
         super().__init__()
         self.schedule = WarmupSchedule(
             beta=beta,
@@ -201,7 +203,7 @@ class EMA(keras.callbacks.Callback):
         return result
 
     @contextlib.contextmanager
-    def swap_weights(self):
+    def swap_weights(self) -> Iterator[keras.Model]:
         """A context with the EMA weights in the model.
 
         On exit, also through an exception, the model gets its online weights
@@ -328,6 +330,10 @@ class EMA(keras.callbacks.Callback):
             self.model, self._evaluate_online_and_ema
         )
         self._in_fit = True
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        if self._in_fit:
+            self._training.start_epoch()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         skipped = int((logs or {}).get("ema_skipped", 0))

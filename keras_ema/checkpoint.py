@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 from keras_ema import _internals
+from keras_ema.callback import EMA
 
 
 class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -36,7 +37,11 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
             `save_best_only`, `save_weights_only`, `save_freq`, ...).
     """
 
-    def __init__(self, ema, filepath, **kwargs):
+    def __init__(self, ema: EMA, filepath: str, **kwargs) -> None:
+        if not isinstance(ema, EMA):
+            raise ValueError(
+                f"`ema` must be a `keras_ema.EMA` callback. Received: ema={ema!r}"
+            )
         super().__init__(filepath, **kwargs)
         self.ema = ema
 

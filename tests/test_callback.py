@@ -318,3 +318,21 @@ def test_second_fit_reuses_the_fused_train_function_until_recompile():
     assert seen[0] is seen[1]
     assert seen[2] is not seen[1]
     assert ema.step == 6
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX compile cache.")
+def test_jax_compiles_the_fused_step_once_for_many_fits(caplog):
+    import jax
+
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    x, y = make_data(32)
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        for _ in range(3):
+            model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[ema])
+    compiles = [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith("Compiling jit(fused_step)")
+    ]
+    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]

@@ -417,3 +417,10 @@ def test_load_weights_without_ema_file_resets_an_ema_that_never_updated(tmp_path
     model.load_weights(path)
     expected = {w.path: np.asarray(w.numpy()) for w in model.weights}
     assert_bit_equal({p: expected[p] for p in ema.tracked_paths}, ema_values(ema))
+
+
+def test_ema_model_checkpoint_needs_an_ema_callback(tmp_path):
+    with pytest.raises(ValueError, match="`ema` must be a `keras_ema.EMA`"):
+        keras_ema.EMAModelCheckpoint(
+            keras.callbacks.History(), str(tmp_path / "m.keras")
+        )
