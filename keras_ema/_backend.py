@@ -329,6 +329,15 @@ class _HostStepGate:
         return not self.accumulation or self.count % self.accumulation == 0
 
 
+def _optimizer_may_skip(optimizer) -> bool:
+    """Whether a train step can leave the weights as they were: under
+    gradient accumulation, or a LossScaleOptimizer's skipped step."""
+    accumulation = _optimizer_step_gate(optimizer)[1]
+    return bool(accumulation) or isinstance(
+        optimizer, keras.optimizers.LossScaleOptimizer
+    )
+
+
 def _real_step(before, after, accumulation_steps):
     moved = ops.greater(after, before)
     if accumulation_steps:
@@ -395,12 +404,15 @@ class _TensorFlowTraining(_FusedTraining):
     def _build(self):
         state, model = self.state, self.model
         iterations, accumulation = _optimizer_step_gate(model.optimizer)
+        may_skip = _optimizer_may_skip(model.optimizer)
         keras_train_step = model.train_step
 
         def train_step(data):
-            before = read(iterations)
+            before = read(iterations) if may_skip else None
             logs = keras_train_step(data)
-            real = _real_step(before, read(iterations), accumulation)
+            real = None
+            if may_skip:
+                real = _real_step(before, read(iterations), accumulation)
             counters, decay = _assign_update(state, real)
             return _ema_logs(logs, counters, decay)
 
@@ -414,13 +426,18 @@ class _TensorFlowTraining(_FusedTraining):
         return model.train_function
 
 
-def _assign_update(state, real):
-    """The fused update applied to the variables, for TF graphs and eager."""
+def _assign_update(state, real, weights=None):
+    """The fused update applied to the variables, for TF graphs and eager.
+
+    `weights` are the online values, or a function returning them (called
+    only on a due step); by default the tracked weights, read now.
+    """
     from keras_ema.shadow import fused_update
 
     counters = [read(v) for v in state.counters]
     shadows = [read(v) for v in state.shadows]
-    weights = [read(w) for w in state.weights]
+    if weights is None:
+        weights = [read(w) for w in state.weights]
     counters, shadows, decay = fused_update(
         state.schedule, state.kinds, counters, shadows, weights, real
     )
@@ -446,12 +463,16 @@ class _JaxTraining(_FusedTraining):
         iterations, accumulation = _optimizer_step_gate(model.optimizer)
         locate = _jax_state_locator(model, state.weights)
         iterations_index = _index_of(model.optimizer.variables, iterations)
+        may_skip = _optimizer_may_skip(model.optimizer)
         keras_train_step = model.train_step
 
         def fused_step(keras_state, ema_arrays, data):
             before = keras_state[2][iterations_index]
             logs, keras_state = keras_train_step(keras_state, data)
-            real = _real_step(before, keras_state[2][iterations_index], accumulation)
+            real = None
+            if may_skip:
+                after = keras_state[2][iterations_index]
+                real = _real_step(before, after, accumulation)
             counters, shadows, decay = fused_update(
                 state.schedule,
                 state.kinds,
@@ -479,18 +500,20 @@ class _JaxTraining(_FusedTraining):
                 keras_state = _committed(keras_state)
                 self._first_step = False
             logs = None
-            for index in range(steps_per_execution):
-                try:
-                    data = next(iterator)
-                except StopIteration:
-                    if index == 0:
-                        raise
-                    break
+            for data in _batches(iterator, steps_per_execution):
                 logs, keras_state, arrays = fused_step(keras_state, live.arrays(), data)
                 live.set_arrays(arrays)
             return logs, keras_state
 
         return train_function
+
+
+def _batches(iterator, steps_per_execution: int):
+    """The batches of one JAX `train_function` call, as Keras takes them: up
+    to `steps_per_execution`, and a `StopIteration` (the epoch's end) only
+    when there is not even one."""
+    first = next(iterator)
+    return itertools.chain([first], itertools.islice(iterator, steps_per_execution - 1))
 
 
 def _index_of(variables, target) -> int:
@@ -987,23 +1010,12 @@ def _host_assign_update(state, real):
     """
     import tensorflow as tf
 
-    from keras_ema.shadow import fused_update
-
     def read_weights():
         with tf.device(None):
             return [read(w) for w in state.weights]
 
     with tf.device("/CPU:0"):
-        counters = [read(v) for v in state.counters]
-        shadows = [read(v) for v in state.shadows]
-        counters, shadows, decay = fused_update(
-            state.schedule, state.kinds, counters, shadows, read_weights, real
-        )
-        for variable, value in zip(
-            state.state_variables, [*counters, *shadows], strict=True
-        ):
-            variable.assign(value)
-    return counters, decay
+        return _assign_update(state, real, read_weights)
 
 
 class _JaxHostTraining(_FusedTraining):
@@ -1034,13 +1046,7 @@ class _JaxHostTraining(_FusedTraining):
 
         def train_function(keras_state, iterator):
             logs = decay = None
-            for index in range(steps_per_execution):
-                try:
-                    data = next(iterator)
-                except StopIteration:
-                    if index == 0:
-                        raise
-                    break
+            for data in _batches(iterator, steps_per_execution):
                 logs, keras_state = keras_train_step(keras_state, data)
                 real = gate.advance(keras_state[2][iterations_index])
                 decay = kernel.step(real, locate(keras_state))

@@ -90,7 +90,22 @@ def classify(
 
 
 def _all_finite(values):
-    checks = [ops.all(ops.isfinite(v)) for v in values]
+    """Whether every element of every value is finite, as one device scalar.
+
+    One reduction per dtype over the concatenated values, not one per
+    weight: the update cannot start before this flag is known, and on XLA
+    many small reductions cost more than the EMA itself on a model of many
+    small weights (about 0.3 ms a step for 80 weights on 2 CPU cores).
+    """
+    by_dtype = {}
+    for value in values:
+        flat = ops.reshape(value, (-1,))
+        by_dtype.setdefault(keras.backend.standardize_dtype(value.dtype), []).append(
+            flat
+        )
+    checks = [
+        ops.all(ops.isfinite(ops.concatenate(group))) for group in by_dtype.values()
+    ]
     return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
 
 
@@ -113,8 +128,9 @@ def fused_update(
             or a function returning them, called only on a due step (so that
             a host update reads, and transfers, no weight otherwise).
         real_step: Optional boolean scalar; `False` when the optimizer did not
-            change the weights this step (gradient accumulation), in which
-            case nothing happens, the counter included.
+            change the weights this step (gradient accumulation, a skipped
+            loss-scale step), in which case nothing happens, the counter
+            included. `None` when every step changes them.
 
     Returns:
         `(counters, shadows, decay)`: the new counters and shadow values, and
@@ -152,7 +168,12 @@ def fused_update(
     def keep():
         return list(shadows), skipped
 
-    new_shadows, new_skipped = ops.cond(due, blend, keep)
+    if schedule.update_every == 1 and real_step is None:
+        # Every step is due. A `cond` here would cost more than it saves:
+        # XLA copies every shadow through its pass-through branch.
+        new_shadows, new_skipped = blend()
+    else:
+        new_shadows, new_skipped = ops.cond(due, blend, keep)
     started = ops.logical_and(due, ops.logical_not(warm))
     new_initialized = ops.where(started, ops.ones_like(initialized), initialized)
     decay = 1.0 - weight

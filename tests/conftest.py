@@ -98,3 +98,25 @@ def assert_close(expected: dict, actual: dict, rtol=2e-5, atol=2e-6) -> None:
         np.testing.assert_allclose(
             actual[key], expected[key], rtol=rtol, atol=atol, err_msg=key
         )
+
+
+def device_kind(value) -> str:
+    """`"cpu"` when `value` lives in host memory."""
+    if BACKEND == "jax":
+        (device,) = value.devices()
+        return device.platform
+    if BACKEND == "torch":
+        return value.device.type
+    return value.device.split(":")[-2].split("/")[-1].lower()
+
+
+def assert_on_host(ema) -> None:
+    state = ema._state
+    for variable in [*state.shadows, *state.counters]:
+        assert device_kind(variable.value) == "cpu", variable.path
+    if BACKEND == "jax":
+        import jax
+
+        host = jax.devices("cpu")[0]
+        for variable in [*state.shadows, *state.counters]:
+            assert variable.value.devices() == {host}, variable.path

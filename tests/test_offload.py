@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import assert_bit_equal
 from conftest import assert_close
+from conftest import assert_on_host
 from conftest import ema_values
 from conftest import float_weights
 from conftest import make_data
@@ -16,8 +17,8 @@ from conftest import make_model
 from conftest import numpy_weights
 from oracle import ArticleEMA
 from test_oracle import HYPERPARAMETERS
-from test_oracle import filters
-from test_oracle import perturb
+from test_oracle import Recorder
+from test_oracle import run_inside_fit
 
 import keras_ema
 
@@ -28,91 +29,8 @@ def offloaded(**kwargs) -> keras_ema.EMA:
     return keras_ema.EMA(offload_to_host=True, **kwargs)
 
 
-def device_kind(value) -> str:
-    """`"cpu"` when `value` lives in host memory."""
-    if BACKEND == "jax":
-        (device,) = value.devices()
-        return device.platform
-    if BACKEND == "torch":
-        return value.device.type
-    return value.device.split(":")[-2].split("/")[-1].lower()
-
-
-def assert_on_host(ema) -> None:
-    state = ema._state
-    for variable in [*state.shadows, *state.counters]:
-        assert device_kind(variable.value) == "cpu", variable.path
-    if BACKEND == "jax":
-        import jax
-
-        host = jax.devices("cpu")[0]
-        for variable in [*state.shadows, *state.counters]:
-            assert variable.value.devices() == {host}, variable.path
-
-
 # --------------------------------------------------------------------------
 # The oracle, step by step
-
-
-@pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
-@pytest.mark.parametrize("with_filters", [False, True])
-def test_update_outside_fit_matches_article(name, with_filters):
-    hp = HYPERPARAMETERS[name]
-    model = make_model()
-    extra = filters(model) if with_filters else {}
-    ema = offloaded(**hp, **extra)
-    ema.set_model(model)
-    oracle = ArticleEMA(float_weights(model), **hp, **extra)
-    rng = np.random.default_rng(1)
-    for _ in range(110 if name == "defaults" else 25):
-        perturb(model, rng)
-        ema.update()
-        oracle.update(float_weights(model))
-        assert ema.step == oracle.step
-        assert ema.get_current_decay() == pytest.approx(oracle.get_current_decay())
-        assert_close(oracle.ema, ema_values(ema))
-    assert_on_host(ema)
-
-
-class Recorder(keras.callbacks.Callback):
-    """Replays every optimizer step into the oracle and compares each time."""
-
-    def __init__(self, ema, oracle):
-        super().__init__()
-        self.ema = ema
-        self.oracle = oracle
-        self.checked = 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.oracle.update(float_weights(self.model))
-        assert self.ema.step == self.oracle.step
-        assert_close(self.oracle.ema, ema_values(self.ema))
-        self.checked += 1
-
-
-def run_inside_fit(hp: dict, with_filters: bool = False, epochs: int = 2):
-    model = make_model()
-    extra = filters(model) if with_filters else {}
-    ema = offloaded(**hp, **extra)
-    oracle = ArticleEMA(float_weights(model), **hp, **extra)
-    recorder = Recorder(ema, oracle)
-    x, y = make_data(96)
-    model.fit(x, y, batch_size=8, epochs=epochs, callbacks=[ema, recorder], verbose=0)
-    assert recorder.checked == epochs * 12
-    assert ema.step == oracle.step
-    assert_close(oracle.ema, ema_values(ema))
-    assert_on_host(ema)
-    return model, ema
-
-
-@pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
-def test_fit_matches_article_step_by_step(name):
-    run_inside_fit(HYPERPARAMETERS[name])
-
-
-@pytest.mark.parametrize("name", ["warmup_then_every_step", "every_3_no_delay"])
-def test_fit_with_filters_matches_article(name):
-    run_inside_fit(HYPERPARAMETERS[name], with_filters=True)
 
 
 def test_fit_without_per_step_reads_matches_article():
@@ -138,48 +56,6 @@ def test_fit_without_per_step_reads_matches_article():
     assert_close(oracle.ema, ema_values(ema))
 
 
-def test_gradient_accumulation_counts_optimizer_steps():
-    hp = HYPERPARAMETERS["warmup_then_every_step"]
-    optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=3)
-    model = make_model(optimizer=optimizer)
-    ema = offloaded(**hp)
-    oracle = ArticleEMA(float_weights(model), **hp)
-    x, y = make_data(96)
-
-    class EveryThird(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if (batch + 1) % 3 == 0:
-                oracle.update(float_weights(self.model))
-
-    model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema, EveryThird()], verbose=0)
-    assert ema.step == 4 == oracle.step
-    assert_close(oracle.ema, ema_values(ema))
-
-
-@pytest.mark.skipif(
-    BACKEND == "torch", reason="Keras' torch trainer requires steps_per_execution=1."
-)
-def test_steps_per_execution_averages_every_optimizer_step():
-    hp = HYPERPARAMETERS["warmup_then_every_step"]
-    model = make_model(steps_per_execution=4)
-    ema = offloaded(**hp)
-    reference = make_model()
-    reference.set_weights(model.get_weights())
-    oracle = ArticleEMA(float_weights(reference), **hp)
-    x, y = make_data(96)
-
-    class Replay(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            oracle.update(float_weights(self.model))
-
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[ema], verbose=0)
-    reference.fit(
-        x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[Replay()], verbose=0
-    )
-    assert ema.step == 12 == oracle.step
-    assert_close(oracle.ema, ema_values(ema), rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.skipif(BACKEND == "torch", reason="jit_compile is torch.compile there.")
 def test_jit_compiled_step_with_host_update_matches_article():
     # With XLA the host update must stay outside the compiled cluster (TF).
@@ -193,57 +69,6 @@ def test_jit_compiled_step_with_host_update_matches_article():
     model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema, recorder], verbose=0)
     assert recorder.checked == 6
     assert model.jit_compile
-
-
-class OnAppliedSteps(keras.callbacks.Callback):
-    """Replays into the oracle the batches after which the optimizer's
-    `iterations` advanced: the steps that really changed the weights."""
-
-    def __init__(self, oracle):
-        super().__init__()
-        self.oracle = oracle
-        self.iterations = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        iterations = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
-        if iterations > (self.iterations[-1] if self.iterations else 0):
-            self.oracle.update(float_weights(self.model))
-        self.iterations.append(iterations)
-
-
-def test_mixed_float16_counts_only_steps_the_loss_scale_optimizer_applied():
-    hp = HYPERPARAMETERS["warmup_then_every_step"]
-    keras.config.set_dtype_policy("mixed_float16")
-    try:
-        model = make_model()
-    finally:
-        keras.config.set_dtype_policy("float32")
-    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    ema = offloaded(**hp)
-    oracle = ArticleEMA(float_weights(model), **hp)
-    recorder = OnAppliedSteps(oracle)
-    x, y = make_data(96)
-    x = x * 300.0  # large activations make the scaled float16 gradients overflow
-    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
-    applied = recorder.iterations
-    assert applied[-1] < len(applied), "no step was skipped: the test tests nothing"
-    assert ema.step == oracle.step == applied[-1]
-    assert_close(oracle.ema, ema_values(ema))
-    assert_on_host(ema)
-
-
-def test_gradient_accumulation_across_fits_ending_mid_accumulation():
-    hp = HYPERPARAMETERS["warmup_then_every_step"]
-    optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=3)
-    model = make_model(optimizer=optimizer)
-    ema = offloaded(**hp)
-    oracle = ArticleEMA(float_weights(model), **hp)
-    recorder = OnAppliedSteps(oracle)
-    x, y = make_data(80)  # 10 batches: each fit ends mid-accumulation
-    for _ in range(2):
-        model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema, recorder], verbose=0)
-    assert ema.step == oracle.step == 6
-    assert_close(oracle.ema, ema_values(ema))
 
 
 def test_nan_weights_never_enter_the_host_shadows():
@@ -293,7 +118,8 @@ def test_skipped_steps_start_no_transfer():
 
 
 def test_swaps_restore_online_weights_bit_for_bit():
-    model, ema = run_inside_fit(HYPERPARAMETERS["every_3_no_delay"], epochs=1)
+    hp = HYPERPARAMETERS["every_3_no_delay"]
+    model, ema, _ = run_inside_fit(hp, with_filters=False, offload=True, epochs=1)
     online = numpy_weights(model)
     expected = ema_values(ema)
     for _ in range(5):
@@ -339,7 +165,8 @@ def test_validation_evaluate_and_predict_use_host_shadows():
 
 
 def test_copy_to_model_writes_host_shadows_into_the_weights():
-    model, ema = run_inside_fit(HYPERPARAMETERS["warmup_then_every_step"], epochs=1)
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    model, ema, _ = run_inside_fit(hp, with_filters=False, offload=True, epochs=1)
     expected = ema_values(ema)
     ema.copy_to_model()
     actual = {p: v for p, v in float_weights(model).items() if p in expected}

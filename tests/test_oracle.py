@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import assert_close
+from conftest import assert_on_host
 from conftest import ema_values
 from conftest import float_weights
 from conftest import make_data
@@ -30,6 +31,12 @@ HYPERPARAMETERS = {
 }
 
 
+@pytest.fixture(params=[False, True], ids=["on_device", "offload_to_host"])
+def offload(request) -> bool:
+    """Every oracle test runs with the shadows on the device and on the host."""
+    return request.param
+
+
 def filters(model) -> dict:
     """One weight of each filter kind, chosen from the model's own paths."""
     paths = [w.path for w in model.weights]
@@ -50,10 +57,12 @@ def perturb(model, rng) -> None:
             weight.assign(weight.numpy() + noise if hasattr(weight, "numpy") else noise)
 
 
-def run_outside_fit(hyperparameters: dict, steps: int, with_filters: bool) -> None:
+def run_outside_fit(
+    hyperparameters: dict, steps: int, with_filters: bool, offload: bool
+) -> None:
     model = make_model()
     extra = filters(model) if with_filters else {}
-    ema = keras_ema.EMA(**hyperparameters, **extra)
+    ema = keras_ema.EMA(**hyperparameters, **extra, offload_to_host=offload)
     ema.set_model(model)
     oracle = ArticleEMA(float_weights(model), **hyperparameters, **extra)
     rng = np.random.default_rng(1)
@@ -64,17 +73,19 @@ def run_outside_fit(hyperparameters: dict, steps: int, with_filters: bool) -> No
         assert ema.step == oracle.step
         assert ema.get_current_decay() == pytest.approx(oracle.get_current_decay())
         assert_close(oracle.ema, ema_values(ema))
+    if offload:
+        assert_on_host(ema)
 
 
 @pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
-def test_update_outside_fit_matches_article(name):
+def test_update_outside_fit_matches_article(name, offload):
     steps = 130 if name == "defaults" else 25
-    run_outside_fit(HYPERPARAMETERS[name], steps, with_filters=False)
+    run_outside_fit(HYPERPARAMETERS[name], steps, with_filters=False, offload=offload)
 
 
 @pytest.mark.parametrize("name", ["warmup_then_every_step", "every_3_no_delay"])
-def test_filters_outside_fit_match_article(name):
-    run_outside_fit(HYPERPARAMETERS[name], 20, with_filters=True)
+def test_filters_outside_fit_match_article(name, offload):
+    run_outside_fit(HYPERPARAMETERS[name], 20, with_filters=True, offload=offload)
 
 
 class Recorder(keras.callbacks.Callback):
@@ -93,10 +104,10 @@ class Recorder(keras.callbacks.Callback):
         self.checked += 1
 
 
-def run_inside_fit(hyperparameters, with_filters, epochs=2, **compile_kwargs):
+def run_inside_fit(hyperparameters, with_filters, offload, epochs=2, **compile_kwargs):
     model = make_model(**compile_kwargs)
     extra = filters(model) if with_filters else {}
-    ema = keras_ema.EMA(**hyperparameters, **extra)
+    ema = keras_ema.EMA(**hyperparameters, **extra, offload_to_host=offload)
     oracle = ArticleEMA(float_weights(model), **hyperparameters, **extra)
     recorder = Recorder(ema, oracle)
     x, y = make_data(96)
@@ -104,22 +115,25 @@ def run_inside_fit(hyperparameters, with_filters, epochs=2, **compile_kwargs):
     assert recorder.checked == epochs * 12
     assert ema.step == oracle.step
     assert_close(oracle.ema, ema_values(ema))
+    if offload:
+        assert_on_host(ema)
     return model, ema, oracle
 
 
 @pytest.mark.parametrize("name", sorted(HYPERPARAMETERS))
-def test_fit_matches_article_step_by_step(name):
-    run_inside_fit(HYPERPARAMETERS[name], with_filters=False)
+def test_fit_matches_article_step_by_step(name, offload):
+    run_inside_fit(HYPERPARAMETERS[name], with_filters=False, offload=offload)
 
 
-def test_fit_with_filters_matches_article():
-    run_inside_fit(HYPERPARAMETERS["warmup_then_every_step"], with_filters=True)
+def test_fit_with_filters_matches_article(offload):
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    run_inside_fit(hp, with_filters=True, offload=offload)
 
 
-def test_second_fit_continues_the_same_average():
+def test_second_fit_continues_the_same_average(offload):
     hp = HYPERPARAMETERS["every_3_no_delay"]
     model = make_model()
-    ema = keras_ema.EMA(**hp)
+    ema = keras_ema.EMA(**hp, offload_to_host=offload)
     oracle = ArticleEMA(float_weights(model), **hp)
     recorder = Recorder(ema, oracle)
     x, y = make_data(48)
@@ -129,11 +143,11 @@ def test_second_fit_continues_the_same_average():
     assert_close(oracle.ema, ema_values(ema))
 
 
-def test_gradient_accumulation_counts_optimizer_steps():
+def test_gradient_accumulation_counts_optimizer_steps(offload):
     hp = HYPERPARAMETERS["warmup_then_every_step"]
     optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=3)
     model = make_model(optimizer=optimizer)
-    ema = keras_ema.EMA(**hp)
+    ema = keras_ema.EMA(**hp, offload_to_host=offload)
     oracle = ArticleEMA(float_weights(model), **hp)
     x, y = make_data(96)
 
@@ -151,10 +165,10 @@ def test_gradient_accumulation_counts_optimizer_steps():
     keras.backend.backend() == "torch",
     reason="Keras' torch trainer requires steps_per_execution=1.",
 )
-def test_steps_per_execution_averages_every_optimizer_step():
+def test_steps_per_execution_averages_every_optimizer_step(offload):
     hp = HYPERPARAMETERS["warmup_then_every_step"]
     model = make_model(steps_per_execution=4)
-    ema = keras_ema.EMA(**hp)
+    ema = keras_ema.EMA(**hp, offload_to_host=offload)
     # With several steps per call, batch-end hooks fire once per execution, so
     # the reference replays the same data through an identical model.
     reference = make_model()
@@ -190,7 +204,7 @@ class OnAppliedSteps(keras.callbacks.Callback):
         self.iterations.append(iterations)
 
 
-def test_mixed_float16_counts_only_steps_the_loss_scale_optimizer_applied():
+def test_mixed_float16_counts_only_steps_the_loss_scale_optimizer_applied(offload):
     # Under "mixed_float16", `compile` wraps the optimizer in a
     # LossScaleOptimizer whose first steps overflow (initial scale 2**15) and
     # are skipped: the EMA must advance only on the steps that moved weights.
@@ -201,7 +215,7 @@ def test_mixed_float16_counts_only_steps_the_loss_scale_optimizer_applied():
     finally:
         keras.config.set_dtype_policy("float32")
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    ema = keras_ema.EMA(**hp)
+    ema = keras_ema.EMA(**hp, offload_to_host=offload)
     oracle = ArticleEMA(float_weights(model), **hp)
     recorder = OnAppliedSteps(oracle)
     x, y = make_data(96)
@@ -216,11 +230,11 @@ def test_mixed_float16_counts_only_steps_the_loss_scale_optimizer_applied():
     assert_close(oracle.ema, ema_values(ema))
 
 
-def test_gradient_accumulation_across_fits_ending_mid_accumulation():
+def test_gradient_accumulation_across_fits_ending_mid_accumulation(offload):
     hp = HYPERPARAMETERS["warmup_then_every_step"]
     optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=3)
     model = make_model(optimizer=optimizer)
-    ema = keras_ema.EMA(**hp)
+    ema = keras_ema.EMA(**hp, offload_to_host=offload)
     oracle = ArticleEMA(float_weights(model), **hp)
     recorder = OnAppliedSteps(oracle)
     x, y = make_data(80)  # 10 batches: each fit ends mid-accumulation
