@@ -243,3 +243,27 @@ def test_gradient_accumulation_across_fits_ending_mid_accumulation(offload):
     assert recorder.iterations[-1] == 6
     assert ema.step == oracle.step == 6
     assert_close(oracle.ema, ema_values(ema))
+
+
+def test_large_and_small_weights_together_match_article(offload):
+    # Weights of very different sizes in one update (torch packs them all in
+    # one flat buffer by kind), step by step.
+    hp = HYPERPARAMETERS["every_3_no_delay"]
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(300, name="small_in"),
+            keras.layers.Dense(300, name="large"),  # 90,000-element kernel
+            keras.layers.Dense(1, name="small_out"),
+        ],
+        name="net",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    ema = keras_ema.EMA(**hp, offload_to_host=offload)
+    oracle = ArticleEMA(float_weights(model), **hp)
+    recorder = Recorder(ema, oracle)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
+    assert recorder.checked == 12
+    assert ema.step == oracle.step == 12
+    assert_close(oracle.ema, ema_values(ema))
