@@ -56,6 +56,7 @@ Every shape prints a table and one line ``JSON {...}``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -197,7 +198,13 @@ def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
 
 
 def build_model(shape: Shape, mode: str) -> keras.Model:
-    """A freshly built and compiled model (same seed for every mode)."""
+    """A freshly built and compiled model (same seed for every mode).
+
+    The previous measurement's model, optimizer and callbacks are freed
+    first, so that no mode runs beside the memory of the ones before it.
+    """
+    keras.backend.clear_session()
+    gc.collect()
     keras.utils.set_random_seed(SEED)
     model = shape.build()
     if mode == "builtin":

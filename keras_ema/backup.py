@@ -42,16 +42,22 @@ def _attached(model) -> list:
 
 
 def _wrap_weights_methods(model) -> None:
-    keras_save_weights = type(model).save_weights.__get__(model)
-    keras_load_weights = type(model).load_weights.__get__(model)
+    # The wrappers live in the model's own `__dict__`: they hold it weakly, so
+    # that attaching an EMA creates no reference cycle and the model (and its
+    # weights) is freed as soon as the user drops it.
+    model_ref = weakref.ref(model)
+    keras_save_weights = type(model).save_weights
+    keras_load_weights = type(model).load_weights
 
     def save_weights(filepath, *args, **kwargs):
-        result = keras_save_weights(filepath, *args, **kwargs)
+        model = model_ref()
+        result = keras_save_weights(model, filepath, *args, **kwargs)
         for index, ema in enumerate(_attached(model)):
             ema._write_state(sidecar_path(filepath, index))
         return result
 
     def load_weights(filepath, *args, **kwargs):
+        model = model_ref()
         # The EMA files are checked first, so that a state that does not fit
         # the model is refused before any weight changes.
         pending = []
@@ -59,7 +65,7 @@ def _wrap_weights_methods(model) -> None:
             path = sidecar_path(filepath, index)
             if os.path.exists(path):
                 pending.append((ema, ema._read_state(path)))
-        result = keras_load_weights(filepath, *args, **kwargs)
+        result = keras_load_weights(model, filepath, *args, **kwargs)
         for ema in _attached(model):
             loaded = [state for owner, state in pending if owner is ema]
             if loaded:
