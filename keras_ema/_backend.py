@@ -406,6 +406,8 @@ class _TensorFlowTraining(_FusedTraining):
         iterations, accumulation = _optimizer_step_gate(model.optimizer)
         may_skip = _optimizer_may_skip(model.optimizer)
         keras_train_step = model.train_step
+        # Keras resolves `jit_compile="auto"` to False on a CPU-only machine.
+        xla = bool(model.jit_compile) and not model.run_eagerly
 
         def train_step(data):
             before = read(iterations) if may_skip else None
@@ -413,7 +415,7 @@ class _TensorFlowTraining(_FusedTraining):
             real = None
             if may_skip:
                 real = _real_step(before, read(iterations), accumulation)
-            counters, decay = _assign_update(state, real)
+            counters, decay = _assign_update(state, real, branch_on_scalars=not xla)
             return _ema_logs(logs, counters, decay)
 
         # The wrapped step is traced into Keras' own tf.function (once per
@@ -426,7 +428,7 @@ class _TensorFlowTraining(_FusedTraining):
         return model.train_function
 
 
-def _assign_update(state, real, weights=None):
+def _assign_update(state, real, weights=None, branch_on_scalars=False):
     """The fused update applied to the variables, for TF graphs and eager.
 
     `weights` are the online values, or a function returning them (called
@@ -439,7 +441,13 @@ def _assign_update(state, real, weights=None):
     if weights is None:
         weights = [read(w) for w in state.weights]
     counters, shadows, decay = fused_update(
-        state.schedule, state.kinds, counters, shadows, weights, real
+        state.schedule,
+        state.kinds,
+        counters,
+        shadows,
+        weights,
+        real,
+        branch_on_scalars=branch_on_scalars,
     )
     for variable, value in zip(
         state.state_variables, [*counters, *shadows], strict=True
@@ -701,7 +709,10 @@ class EagerUpdater:
         if BACKEND == "tensorflow":
             import tensorflow as tf
 
-            return tf.function(lambda: _assign_update(state, None)[0], autograph=False)
+            return tf.function(
+                lambda: _assign_update(state, None, branch_on_scalars=True)[0],
+                autograph=False,
+            )
         if BACKEND == "jax":
             import jax
 
@@ -1015,7 +1026,7 @@ def _host_assign_update(state, real):
             return [read(w) for w in state.weights]
 
     with tf.device("/CPU:0"):
-        return _assign_update(state, real, read_weights)
+        return _assign_update(state, real, read_weights, branch_on_scalars=True)
 
 
 class _JaxHostTraining(_FusedTraining):

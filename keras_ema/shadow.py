@@ -116,6 +116,7 @@ def fused_update(
     shadows,
     weights,
     real_step=None,
+    branch_on_scalars: bool = False,
 ):
     """One step of the article's `update()` for every shadow, as pure tensors.
 
@@ -131,6 +132,12 @@ def fused_update(
             change the weights this step (gradient accumulation, a skipped
             loss-scale step), in which case nothing happens, the counter
             included. `None` when every step changes them.
+        branch_on_scalars: Whether to choose between whole results with
+            `cond` on the scalar flags (copy or average, finite or not)
+            rather than elementwise `where`s. Right for TF graphs run
+            without XLA, where every op is a pass over memory and a branch
+            not taken costs nothing; under XLA a `cond` copies its
+            pass-through operands, and `where`s fuse into one loop.
 
     Returns:
         `(counters, shadows, decay)`: the new counters and shadow values, and
@@ -147,9 +154,30 @@ def fused_update(
     copy_all = ops.logical_and(due, ops.logical_or(warm, ops.equal(initialized, 0)))
     weight = schedule.update_weight(new_step)
 
+    def blend_by_branches(values, finite):
+        values = [ops.cast(v, s.dtype) for v, s in zip(values, shadows, strict=True)]
+
+        def averaged():
+            new = []
+            for kind, shadow, value in zip(kinds, shadows, values, strict=True):
+                if kind == Kind.AVERAGE:
+                    shadow = shadow + ops.cast(weight, shadow.dtype) * (value - shadow)
+                elif kind == Kind.COPY:
+                    shadow = value
+                new.append(shadow)
+            return new
+
+        def updated():
+            return ops.cond(copy_all, lambda: list(values), averaged)
+
+        new = ops.cond(finite, updated, lambda: list(shadows))
+        return new, skipped + ops.cast(ops.logical_not(finite), "int32")
+
     def blend():
         values = weights() if callable(weights) else weights
         finite = _all_finite(values)
+        if branch_on_scalars:
+            return blend_by_branches(values, finite)
         new = []
         for kind, shadow, value in zip(kinds, shadows, values, strict=True):
             value = ops.cast(value, shadow.dtype)
