@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 
 import keras
 from keras import ops
@@ -408,6 +409,7 @@ class _TensorFlowTraining(_FusedTraining):
         keras_train_step = model.train_step
         # Keras resolves `jit_compile="auto"` to False on a CPU-only machine.
         xla = bool(model.jit_compile) and not model.run_eagerly
+        branch = not xla and _mostly_large(state.shadows)
 
         def train_step(data):
             before = read(iterations) if may_skip else None
@@ -415,7 +417,7 @@ class _TensorFlowTraining(_FusedTraining):
             real = None
             if may_skip:
                 real = _real_step(before, read(iterations), accumulation)
-            counters, decay = _assign_update(state, real, branch_on_scalars=not xla)
+            counters, decay = _assign_update(state, real, branch_on_scalars=branch)
             return _ema_logs(logs, counters, decay)
 
         # The wrapped step is traced into Keras' own tf.function (once per
@@ -426,6 +428,19 @@ class _TensorFlowTraining(_FusedTraining):
         finally:
             del model.train_step
         return model.train_function
+
+
+def _mostly_large(variables) -> bool:
+    """Whether the variables average 2**16 elements or more.
+
+    Without XLA, TF runs every op as a pass over memory: an elementwise
+    select costs a pass over each tensor, while a `tf.cond` costs a fixed
+    Switch/Merge per tensor. Measured on 2 CPU cores (benchmarks/), branching
+    cut the update of an 11M-parameter MLP from about 77 to 10 ms a step,
+    and doubled that of an MLP of 80 small weights.
+    """
+    sizes = [math.prod(v.shape) for v in variables]
+    return sum(sizes) >= (1 << 16) * len(sizes)
 
 
 def _assign_update(state, real, weights=None, branch_on_scalars=False):
