@@ -10,6 +10,7 @@ tensors with `keras.ops`, so that it can be traced into a compiled train step.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable
 from collections.abc import Sequence
 
@@ -89,23 +90,29 @@ def classify(
     return kinds
 
 
+# Values of at least this many elements are checked for NaN/Inf on their own.
+_CHECK_ALONE = 1 << 16
+
+
 def _all_finite(values):
     """Whether every element of every value is finite, as one device scalar.
 
-    One reduction per dtype over the concatenated values, not one per
-    weight: the update cannot start before this flag is known, and on XLA
-    many small reductions cost more than the EMA itself on a model of many
-    small weights (about 0.3 ms a step for 80 weights on 2 CPU cores).
+    Small values are checked together, one reduction per dtype over their
+    concatenation: the update cannot start before this flag is known, and on
+    XLA many small reductions cost more than the EMA itself on a model of
+    many small weights (about 0.3 ms a step for 80 weights on 2 CPU cores).
+    Large values are checked alone: concatenating them would copy them, and
+    under a `keras.distribution` would gather their shards.
     """
-    by_dtype = {}
+    checks, small = [], {}
     for value in values:
-        flat = ops.reshape(value, (-1,))
-        by_dtype.setdefault(keras.backend.standardize_dtype(value.dtype), []).append(
-            flat
-        )
-    checks = [
-        ops.all(ops.isfinite(ops.concatenate(group))) for group in by_dtype.values()
-    ]
+        if math.prod(value.shape) >= _CHECK_ALONE:
+            checks.append(ops.all(ops.isfinite(value)))
+            continue
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        small.setdefault(dtype, []).append(ops.reshape(value, (-1,)))
+    for group in small.values():
+        checks.append(ops.all(ops.isfinite(ops.concatenate(group))))
     return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
 
 
