@@ -120,3 +120,17 @@ def assert_on_host(ema) -> None:
         host = jax.devices("cpu")[0]
         for variable in [*state.shadows, *state.counters]:
             assert variable.value.devices() == {host}, variable.path
+
+
+def reload_state_into_fresh_ema(ema, model, path, **hyperparameters):
+    """Saves `ema`'s state, loads it into a new EMA of `model`, checks that
+    the step and every shadow came back bit for bit, and returns the new EMA."""
+    import keras_ema
+
+    ema.save_state(path)
+    fresh = keras_ema.EMA(**hyperparameters)
+    fresh.set_model(model)
+    fresh.load_state(path)
+    assert fresh.step == ema.step
+    assert_bit_equal(ema_values(ema), ema_values(fresh))
+    return fresh

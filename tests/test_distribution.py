@@ -25,6 +25,7 @@ from conftest import ema_values
 from conftest import float_weights
 from conftest import make_data
 from conftest import make_model
+from conftest import reload_state_into_fresh_ema
 from keras import ops
 
 import keras_ema
@@ -403,12 +404,7 @@ def test_mirrored_strategy_update_outside_fit_and_state_round_trip(tmp_path):
     assert_mirrored(ema.variables + ema._state.counters)
 
     path = str(tmp_path / "ema.npz")
-    ema.save_state(path)
-    fresh = keras_ema.EMA(**HP)
-    fresh.set_model(model)
-    fresh.load_state(path)
-    assert fresh.step == ema.step
-    assert_bit_equal(ema_values(ema), ema_values(fresh))
+    fresh = reload_state_into_fresh_ema(ema, model, path, **HP)
     assert_mirrored(fresh.variables + fresh._state.counters)
 
 

@@ -14,6 +14,7 @@ from conftest import assert_close
 from conftest import ema_values
 from conftest import make_data
 from conftest import make_model
+from conftest import reload_state_into_fresh_ema
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
@@ -35,13 +36,7 @@ def trained(epochs=1, **hp):
 
 def test_save_and_load_round_trip(tmp_path):
     model, ema = trained()
-    path = str(tmp_path / "ema.npz")
-    ema.save_state(path)
-    fresh = keras_ema.EMA(**HP)
-    fresh.set_model(model)
-    fresh.load_state(path)
-    assert fresh.step == ema.step
-    assert_bit_equal(ema_values(ema), ema_values(fresh))
+    reload_state_into_fresh_ema(ema, model, str(tmp_path / "ema.npz"), **HP)
 
 
 def test_loads_into_a_model_reloaded_with_load_model(tmp_path):
