@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+from conftest import assert_bit_equal
 from conftest import assert_close
 from conftest import assert_on_host
 from conftest import ema_values
@@ -267,3 +268,65 @@ def test_large_and_small_weights_together_match_article(offload):
     assert recorder.checked == 12
     assert ema.step == oracle.step == 12
     assert_close(oracle.ema, ema_values(ema))
+
+
+def many_small_weights_model(jit_compile="auto") -> keras.Model:
+    # Fourteen weights of up to 25,600 elements, two of them bfloat16: on JAX
+    # the small shadows are packed into several float32 arrays of up to 2**15
+    # elements, by kind, and the NaN/Inf guard checks each array.
+    layers = [keras.Input((6,)), keras.layers.Dense(160, name="d0")]
+    layers += [keras.layers.Dense(160, name=f"h{i}") for i in range(4)]
+    layers += [
+        keras.layers.BatchNormalization(name="bn"),
+        keras.layers.Dense(1, name="out", dtype="bfloat16"),
+    ]
+    model = keras.Sequential(layers, name="many")
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit_compile
+    )
+    return model
+
+
+@pytest.mark.parametrize("jit_compile", ["auto", True], ids=["auto", "xla"])
+def test_many_small_weights_with_filters_match_article(offload, jit_compile):
+    # Under XLA the bfloat16 weights must be averaged as stored, rounded.
+    if jit_compile is True and keras.backend.backend() == "torch":
+        pytest.skip("XLA runs on TensorFlow and JAX only.")
+    hp = HYPERPARAMETERS["warmup_then_every_step"]
+    model = many_small_weights_model(jit_compile)
+    extra = dict(
+        param_or_buffer_names_no_ema=["many/bn/moving_mean"],
+        ignore_names=["many/h1/kernel"],
+        ignore_startswith_names=["many/h3/"],
+    )
+    ema = keras_ema.EMA(**hp, **extra, offload_to_host=offload)
+    oracle = ArticleEMA(float_weights(model), **hp, **extra)
+    recorder = Recorder(ema, oracle)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
+    assert recorder.checked == 12
+    assert ema.step == oracle.step == 12
+    assert_close(oracle.ema, ema_values(ema))
+    assert ema_values(ema)["many/out/kernel"].dtype == np.float32
+
+
+def test_one_nan_weight_among_many_skips_the_whole_update_in_fit(offload):
+    # A NaN moving variance leaves the loss and the trainable weights finite
+    # in training (batch statistics are used), so only the guard can see it.
+    model = many_small_weights_model()
+    ema = keras_ema.EMA(
+        beta=0.9, update_after_step=0, update_every=1, offload_to_host=offload
+    )
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    before = ema_values(ema)
+    variance = next(w for w in model.weights if w.path == "many/bn/moving_variance")
+    poisoned = np.array(ops.convert_to_numpy(variance.value))
+    poisoned[-1] = np.nan
+    variance.assign(poisoned)
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    assert np.isfinite(float_weights(model)["many/h3/kernel"]).all()
+    assert ema.skipped_updates == 6
+    assert history.history["ema_skipped"][-1] == 6
+    assert_bit_equal(before, ema_values(ema))
