@@ -226,23 +226,29 @@ def _committed(tree):
     return jax.tree.map(commit, tree)
 
 
-class _JaxPacking:
-    """How the shadows are laid out in the arrays a JAX `fit` threads through
-    its steps.
+class Packing:
+    """How the shadows are laid out in the arrays or variables a `fit`
+    updates (JAX and TensorFlow).
 
     Small shadows of one dtype, kind and placement are packed into flat
-    arrays of up to `CHUNK` elements; larger ones keep their own array. A
-    fused step then takes and returns a few arrays instead of one per weight
-    (JAX pays for each), XLA runs a few elementwise kernels instead of one
-    per weight, and the NaN/Inf guard checks the packed values, which it
-    would otherwise have to concatenate. The chunks stay small because XLA
-    on CPU splits a larger kernel over threads, which cost more than they
-    saved in `benchmarks/` on 2 cores (deep_mlp: 1.22x the built-in EMA
-    with one flat array, 1.03x with chunks of 2**15). Large shadows are
-    not packed: that would copy them every step, and gather a sharded one.
+    arrays of up to `CHUNK` elements; larger ones keep their own. A fused
+    step then reads and writes a few arrays instead of one per weight: JAX
+    pays for each array a jitted call takes and returns, XLA on CPU runs an
+    elementwise kernel per array, TensorFlow runs every op of the update
+    once per array, and the NaN/Inf guard checks the packed values, which it
+    would otherwise concatenate. The chunks stay small because XLA on CPU
+    splits a larger kernel over threads, which cost more than they saved in
+    `benchmarks/` on 2 cores (JAX deep_mlp: 1.22x the built-in EMA with one
+    flat array, 1.03x with chunks of 2**15). Large shadows are not packed:
+    that would copy them every step, and gather a sharded one.
+
+    Args:
+        state: The `ShadowState`.
+        placement: Maps a shadow to where it lives (a hashable), or to
+            `None` where it must keep its own array.
     """
 
-    def __init__(self, state):
+    def __init__(self, state, placement):
         from keras_ema.shadow import CHUNK
 
         groups: dict = {}
@@ -250,11 +256,11 @@ class _JaxPacking:
         for index, (shadow, kind) in enumerate(
             zip(state.shadows, state.kinds, strict=True)
         ):
-            sharding = shadow.value.sharding
             size = math.prod(shadow.shape)
+            where = placement(shadow) if size <= CHUNK else None
             key = index
-            if size <= CHUNK and sharding.is_fully_replicated:
-                key = (shadow.dtype, int(kind), sharding, 0)
+            if where is not None:
+                key = (shadow.dtype, int(kind), where, 0)
                 while sizes.get(key, 0) + size > CHUNK:
                     key = (*key[:3], key[3] + 1)
                 sizes[key] = sizes.get(key, 0) + size
@@ -264,38 +270,43 @@ class _JaxPacking:
         self.kinds = [state.kinds[group[0]] for group in self.groups]
         self.dtypes = [state.shadows[group[0]].dtype for group in self.groups]
         self.shapes = [tuple(shadow.shape) for shadow in state.shadows]
-        self.dtypes_of = [shadow.dtype for shadow in state.shadows]
-        self.count = len(state.shadows)
+        self.shadow_dtypes = [shadow.dtype for shadow in state.shadows]
+
+    @property
+    def packs_any(self) -> bool:
+        return any(self.flat)
 
     def pack(self, values) -> list:
-        """One array per group from values aligned with the shadows, each
+        """One value per group from values aligned with the shadows, each
         cast to its shadow's dtype."""
-        import jax.numpy as jnp
-
-        values = as_stored(values, self.dtypes_of)
         packed = []
         for group, flat, dtype in zip(self.groups, self.flat, self.dtypes, strict=True):
             if flat:
-                parts = [jnp.ravel(values[i]).astype(dtype) for i in group]
-                packed.append(jnp.concatenate(parts))
+                parts = [ops.reshape(ops.cast(values[i], dtype), (-1,)) for i in group]
+                packed.append(ops.concatenate(parts))
             else:
-                packed.append(values[group[0]].astype(dtype))
+                packed.append(ops.cast(values[group[0]], dtype))
         return packed
 
     def unpack(self, packed) -> list:
-        """Values aligned with the shadows, from the packed arrays."""
-        values = [None] * self.count
-        for group, flat, array in zip(self.groups, self.flat, packed, strict=True):
+        """Values aligned with the shadows, from the packed values."""
+        values = [None] * len(self.shapes)
+        for group, flat, value in zip(self.groups, self.flat, packed, strict=True):
             if not flat:
-                values[group[0]] = array
+                values[group[0]] = value
                 continue
             offset = 0
             for index in group:
                 size = math.prod(self.shapes[index])
-                part = array[offset : offset + size]
-                values[index] = part.reshape(self.shapes[index])
+                part = value[offset : offset + size]
+                values[index] = ops.reshape(part, self.shapes[index])
                 offset += size
         return values
+
+
+def _jax_placement(shadow):
+    sharding = shadow.value.sharding
+    return sharding if sharding.is_fully_replicated else None
 
 
 class _JaxLiveValues(LiveValues):
@@ -309,11 +320,11 @@ class _JaxLiveValues(LiveValues):
         self._unpack = None
 
     @property
-    def packing(self) -> _JaxPacking:
+    def packing(self) -> Packing:
         if self._packing is None:
             import jax
 
-            self._packing = _JaxPacking(self._state)
+            self._packing = Packing(self._state, _jax_placement)
             # One dispatch for all the slices; the outputs are new buffers.
             self._unpack = jax.jit(self._packing.unpack)
         return self._packing
@@ -349,6 +360,72 @@ class _JaxLiveValues(LiveValues):
         self._arrays = None
 
 
+class _TensorFlowLiveValues(LiveValues):
+    """During a TensorFlow `fit`, small shadows live in flat variables.
+
+    One `tf.Variable` per packed group (see `Packing`), written by the fused
+    step; the shadows that are not packed are updated in place. Not used
+    under a `tf.distribute` strategy, where every shadow stays a mirrored
+    variable of its own.
+    """
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.packing = Packing(state, lambda shadow: "")
+        self._flat = None
+        self._current = False
+
+    def ensure_current(self) -> None:
+        """Creates the flat variables, or refreshes them from the shadow
+        variables written since; eagerly, before a step runs."""
+        import tensorflow as tf
+
+        if self._current:
+            return
+        state, packing = self._state, self.packing
+        with tf.init_scope():
+            packed = packing.pack([s.value for s in state.shadows])
+            if self._flat is None:
+                self._flat = [
+                    keras.Variable(
+                        value,
+                        trainable=False,
+                        autocast=False,
+                        name=f"ema_packed_{index}",
+                    )
+                    if flat
+                    else None
+                    for index, (value, flat) in enumerate(
+                        zip(packed, packing.flat, strict=True)
+                    )
+                ]
+            else:
+                for variable, value in zip(self._flat, packed, strict=True):
+                    if variable is not None:
+                        variable.assign(value)
+        self._current = True
+
+    def targets(self) -> list:
+        """The variable each group is updated in, flat or the shadow's own."""
+        return [
+            flat if flat is not None else self._state.shadows[group[0]]
+            for flat, group in zip(self._flat, self.packing.groups, strict=True)
+        ]
+
+    def sync_to_variables(self) -> None:
+        if self._flat is None or not self._current:
+            return
+        values = self.packing.unpack(
+            [v.value if v is not None else None for v in self._flat]
+        )
+        for shadow, value in zip(self._state.shadows, values, strict=True):
+            if value is not None:
+                shadow.assign(value)
+
+    def invalidate(self) -> None:
+        self._current = False
+
+
 class _TorchLiveValues(LiveValues):
     """On torch the counters live on the host, inside the `TorchKernel`."""
 
@@ -371,7 +448,17 @@ def live_values(state) -> LiveValues:
         return _JaxLiveValues(state)
     if BACKEND == "torch":
         return _TorchLiveValues(state)
+    if BACKEND == "tensorflow" and _tf_packs(state):
+        return _TensorFlowLiveValues(state)
     return LiveValues(state)
+
+
+def _tf_packs(state) -> bool:
+    import tensorflow as tf
+
+    return not tf.distribute.has_strategy() and (
+        getattr(state.model, "_distribute_strategy", None) is None
+    )
 
 
 # --------------------------------------------------------------------------
@@ -503,6 +590,10 @@ class _TensorFlowTraining(_FusedTraining):
         # Keras resolves `jit_compile="auto"` to False on a CPU-only machine.
         xla = bool(model.jit_compile) and not model.run_eagerly
         branch = not xla and _mostly_large(state.shadows)
+        live = state.live
+        packed = live if isinstance(live, _TensorFlowLiveValues) else None
+        if packed is not None:
+            packed.ensure_current()
 
         def train_step(data):
             before = read(iterations) if may_skip else None
@@ -511,7 +602,7 @@ class _TensorFlowTraining(_FusedTraining):
             if may_skip:
                 real = _real_step(before, read(iterations), accumulation)
             counters, decay = _assign_update(
-                state, real, branch_on_scalars=branch, xla=xla
+                state, real, branch_on_scalars=branch, xla=xla, packed=packed
             )
             return _ema_logs(logs, counters, decay)
 
@@ -522,7 +613,17 @@ class _TensorFlowTraining(_FusedTraining):
             model.make_train_function(force=True)
         finally:
             del model.train_step
-        return model.train_function
+        fused = model.train_function
+        if packed is None:
+            return fused
+
+        def train_function(iterator):
+            # The shadow variables may have been written since the last step
+            # (a state loaded by `BackupAndRestore`, a swap): repack them.
+            packed.ensure_current()
+            return fused(iterator)
+
+        return train_function
 
 
 def _mostly_large(variables) -> bool:
@@ -571,24 +672,33 @@ def as_stored(values, dtypes) -> list:
     return values
 
 
-def _assign_update(state, real, weights=None, branch_on_scalars=False, xla=False):
+def _assign_update(
+    state, real, weights=None, branch_on_scalars=False, xla=False, packed=None
+):
     """The fused update applied to the variables, for TF graphs and eager.
 
     `weights` are the online values, or a function returning them (called
     only on a due step); by default the tracked weights, read now. `xla`
     says the update is compiled with XLA together with the train step.
+    `packed`, a `_TensorFlowLiveValues`, updates its packed variables
+    instead of the shadows.
     """
     from keras_ema.shadow import fused_update
 
+    targets, kinds = state.shadows, state.kinds
+    if packed is not None:
+        targets, kinds = packed.targets(), packed.packing.kinds
     counters = [read(v) for v in state.counters]
-    shadows = [read(v) for v in state.shadows]
+    shadows = [read(v) for v in targets]
     if weights is None:
         weights = [read(w) for w in state.weights]
         if xla:
             weights = as_stored(weights, [s.dtype for s in state.shadows])
+        if packed is not None:
+            weights = packed.packing.pack(weights)
     counters, shadows, decay = fused_update(
         state.schedule,
-        state.kinds,
+        kinds,
         counters,
         shadows,
         weights,
@@ -596,7 +706,7 @@ def _assign_update(state, real, weights=None, branch_on_scalars=False, xla=False
         branch_on_scalars=branch_on_scalars,
     )
     for variable, value in zip(
-        state.state_variables, [*counters, *shadows], strict=True
+        [*state.counters, *targets], [*counters, *shadows], strict=True
     ):
         variable.assign(value)
     return counters, decay
@@ -633,7 +743,7 @@ class _JaxTraining(_FusedTraining):
                 packing.kinds,
                 ema_arrays[:3],
                 ema_arrays[3:],
-                packing.pack(locate(keras_state)),
+                packing.pack(as_stored(locate(keras_state), packing.shadow_dtypes)),
                 real,
             )
             logs = _ema_logs(logs, counters, decay)
@@ -856,10 +966,17 @@ class EagerUpdater:
         if BACKEND == "tensorflow":
             import tensorflow as tf
 
-            return tf.function(
+            update = tf.function(
                 lambda: _assign_update(state, None, branch_on_scalars=True)[0],
                 autograph=False,
             )
+
+            def run():
+                # It updates the shadow variables themselves.
+                state.live.release()
+                update()
+
+            return run
         if BACKEND == "jax":
             import jax
 
