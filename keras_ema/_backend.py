@@ -846,6 +846,36 @@ class TorchKernel:
             kind: _segment(self.flat, state, [k == kind for k in kinds])
             for kind in Kind
         }
+        self.in_place = self._blends_in_place()
+        if self.in_place:
+            offsets = itertools.accumulate((v.numel() for v in self.views), initial=0)
+            self.pairs = [
+                (kinds[i], self.flat[start : start + view.numel()], view, weight)
+                for i, start, view, weight in zip(
+                    state.flat_order,
+                    offsets,
+                    self.views,
+                    [state.weights[i].value for i in state.flat_order],
+                    strict=False,
+                )
+            ]
+
+    def _blends_in_place(self) -> bool:
+        """Whether to blend each shadow in place from its weight (on the CPU,
+        for models of 2**20 elements or more, all of the shadows' dtype).
+
+        On the CPU, reading the NaN/Inf flag costs no device sync, so a
+        skipped step can be decided on the host, and each shadow blended in
+        place from its own weight: no flat copy of the weights, no
+        temporary. For an 11M-parameter MLP that is five passes over 44 MB
+        fewer per step. Small models keep the flat path: one op for all
+        weights costs less than one per weight.
+        """
+        return (
+            self.flat.device.type == "cpu"
+            and self.flat.numel() >= 1 << 20
+            and all(view.dtype == self.flat.dtype for view in self.views)
+        )
 
     def read_counters(self) -> None:
         self.step_value = int(ops.convert_to_numpy(self.state.step))
@@ -875,9 +905,23 @@ class TorchKernel:
         return schedule.decay(self.step_value)
 
     def _blend(self, weights) -> None:
+        if self.in_place:
+            self._blend_in_place(weights)
+            return
         with self.torch.no_grad():
             online = self.torch.cat(self.views).to(self.flat.dtype)
         self._blend_online(online, weights)
+
+    def _blend_in_place(self, weights) -> None:
+        from keras_ema.shadow import _is_finite
+
+        with self.torch.no_grad():
+            if not all(bool(_is_finite(weight)) for *_, weight in self.pairs):
+                self.state.skipped.value.add_(1)
+                return
+            for kind, shadow, view, _ in self.pairs:
+                if weights[kind]:
+                    shadow.lerp_(view, weights[kind])
 
     def _blend_online(self, online, weights) -> None:
         """Blends `online` (the weights, flat, in buffer order) into `flat`."""

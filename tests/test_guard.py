@@ -23,9 +23,7 @@ def guard(values, dtype) -> bool:
     return bool(ops.convert_to_numpy(_all_finite(tensors)))
 
 
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
     target=st.integers(0, len(SHAPES) - 1),

@@ -246,15 +246,17 @@ def test_gradient_accumulation_across_fits_ending_mid_accumulation(offload):
     assert_close(oracle.ema, ema_values(ema))
 
 
-def test_large_and_small_weights_together_match_article(offload):
-    # Weights of very different sizes in one update (torch packs them all in
-    # one flat buffer by kind), step by step.
+@pytest.mark.parametrize("width", [300, 1100])
+def test_large_and_small_weights_together_match_article(offload, width):
+    # Weights of very different sizes in one update, step by step. torch
+    # packs them all in one flat buffer by kind, and from 2**20 elements on
+    # (width 1100) blends each shadow in place from its weight on the CPU.
     hp = HYPERPARAMETERS["every_3_no_delay"]
     model = keras.Sequential(
         [
             keras.Input((6,)),
-            keras.layers.Dense(300, name="small_in"),
-            keras.layers.Dense(300, name="large"),  # 90,000-element kernel
+            keras.layers.Dense(width, name="small_in"),
+            keras.layers.Dense(width, name="large"),
             keras.layers.Dense(1, name="small_out"),
         ],
         name="net",
@@ -268,6 +270,16 @@ def test_large_and_small_weights_together_match_article(offload):
     assert recorder.checked == 12
     assert ema.step == oracle.step == 12
     assert_close(oracle.ema, ema_values(ema))
+    # A NaN in one weight skips the whole update, on every path.
+    before = ema_values(ema)
+    kernel = next(w for w in model.weights if w.path == "net/large/kernel")
+    poisoned = np.array(ops.convert_to_numpy(kernel.value))
+    poisoned[-1, -1] = np.nan
+    kernel.assign(poisoned)
+    for _ in range(3):  # every 3rd step is due
+        ema.update()
+    assert ema.skipped_updates == 1
+    assert_bit_equal(before, ema_values(ema))
 
 
 def many_small_weights_model(jit_compile="auto") -> keras.Model:
