@@ -311,13 +311,31 @@ def _jax_placement(shadow):
 
 class _JaxLiveValues(LiveValues):
     """During a JAX `fit`, the EMA state lives in arrays the loop donates:
-    the three counters, then the shadows packed by a `_JaxPacking`."""
+    the three counters, then the shadows packed by a `Packing`.
+
+    With `update_every > 1` the steps that are not due may run Keras' own
+    train step, decided on the host: they are counted in `pending` and added
+    to the step counter by the next due step (or a sync).
+    """
 
     def __init__(self, state):
         super().__init__(state)
         self._arrays = None
         self._packing = None
         self._unpack = None
+        self.pending = 0
+        self._host_step = None
+
+    def advance_host_step(self) -> int:
+        """The step counter before this step, then counts this step; the
+        device counter is read once after the arrays are (re)made."""
+        if self._host_step is None:
+            import jax
+
+            self._host_step = int(jax.device_get(self.arrays()[0])) + self.pending
+        step = self._host_step
+        self._host_step += 1
+        return step
 
     @property
     def packing(self) -> Packing:
@@ -351,13 +369,16 @@ class _JaxLiveValues(LiveValues):
         state = self._state
         counters, packed = self._arrays[:3], self._arrays[3:]
         # Copies: the arrays stay the loop's to donate.
-        values = [fresh_copy(a, a.dtype) for a in counters]
+        values = [counters[0] + self.pending]
+        values += [fresh_copy(a, a.dtype) for a in counters[1:]]
         values += self._unpack(packed)
         for variable, value in zip(state.state_variables, values, strict=True):
             variable.assign(value)
 
     def invalidate(self) -> None:
         self._arrays = None
+        self.pending = 0
+        self._host_step = None
 
 
 class _TensorFlowLiveValues(LiveValues):
@@ -730,33 +751,46 @@ class _JaxTraining(_FusedTraining):
         may_skip = _optimizer_may_skip(model.optimizer)
         keras_train_step = model.train_step
         packing = state.live.packing
+        schedule = state.schedule
+        # Without optimizer steps that may not move the weights, whether a
+        # step is due is known on the host: the other steps run Keras' own
+        # train step, with no EMA op at all.
+        skip_on_host = schedule.update_every > 1 and not may_skip
 
-        def fused_step(keras_state, ema_arrays, data):
+        def fused_step(keras_state, ema_arrays, data, pending):
             before = keras_state[2][iterations_index]
             logs, keras_state = keras_train_step(keras_state, data)
             real = None
             if may_skip:
                 after = keras_state[2][iterations_index]
                 real = _real_step(before, after, accumulation)
+            counters = [ema_arrays[0] + pending, *ema_arrays[1:3]]
             counters, shadows, decay = fused_update(
-                state.schedule,
+                schedule,
                 packing.kinds,
-                ema_arrays[:3],
+                counters,
                 ema_arrays[3:],
                 packing.pack(as_stored(locate(keras_state), packing.shadow_dtypes)),
                 real,
+                known_due=skip_on_host,
             )
             logs = _ema_logs(logs, counters, decay)
             return logs, keras_state, [*counters, *shadows]
 
+        keras_step = keras_train_step
         if not model.run_eagerly and model.jit_compile:
-            out_shardings = _internals.jax_train_out_shardings(model)
+            keras_shardings = _internals.jax_train_out_shardings(model)
+            out_shardings = keras_shardings
             if out_shardings is not None:
                 ema_shardings = [a.sharding for a in state.live.arrays()]
                 out_shardings = (*out_shardings, ema_shardings)
             fused_step = jax.jit(
                 fused_step, donate_argnums=(0, 1), out_shardings=out_shardings
             )
+            if skip_on_host:
+                keras_step = jax.jit(
+                    keras_train_step, donate_argnums=0, out_shardings=keras_shardings
+                )
         steps_per_execution = model.steps_per_execution
         live = state.live
 
@@ -766,7 +800,19 @@ class _JaxTraining(_FusedTraining):
                 self._first_step = False
             logs = None
             for data in _batches(iterator, steps_per_execution):
-                logs, keras_state, arrays = fused_step(keras_state, live.arrays(), data)
+                if skip_on_host:
+                    step = live.advance_host_step()
+                    if step % schedule.update_every:
+                        logs, keras_state = keras_step(keras_state, data)
+                        live.pending += 1
+                        counters = (None, None, live.arrays()[2])
+                        logs = _ema_logs(logs, counters, schedule.decay(step + 1))
+                        continue
+                arrays = live.arrays()
+                logs, keras_state, arrays = fused_step(
+                    keras_state, arrays, data, live.pending
+                )
+                live.pending = 0
                 live.set_arrays(arrays)
             return logs, keras_state
 

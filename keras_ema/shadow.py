@@ -153,6 +153,7 @@ def fused_update(
     weights,
     real_step=None,
     branch_on_scalars: bool = False,
+    known_due: bool = False,
 ):
     """One step of the article's `update()` for every shadow, as pure tensors.
 
@@ -174,6 +175,8 @@ def fused_update(
             without XLA, where every op is a pass over memory and a branch
             not taken costs nothing; under XLA a `cond` copies its
             pass-through operands, and `where`s fuse into one loop.
+        known_due: Whether the caller knows this step is due (it decided
+            on the host), so the update needs no `cond` on the counter.
 
     Returns:
         `(counters, shadows, decay)`: the new counters and shadow values, and
@@ -232,7 +235,7 @@ def fused_update(
     def keep():
         return list(shadows), skipped
 
-    if schedule.update_every == 1 and real_step is None:
+    if known_due or (schedule.update_every == 1 and real_step is None):
         # Every step is due. A `cond` here would cost more than it saves:
         # XLA copies every shadow through its pass-through branch.
         new_shadows, new_skipped = blend()
