@@ -627,14 +627,7 @@ class _TensorFlowTraining(_FusedTraining):
             )
             return _ema_logs(logs, counters, decay)
 
-        # The wrapped step is traced into Keras' own tf.function (once per
-        # inner step when steps_per_execution > 1).
-        model.train_step = train_step
-        try:
-            model.make_train_function(force=True)
-        finally:
-            del model.train_step
-        fused = model.train_function
+        fused = _keras_train_function_around(model, train_step)
         if packed is None:
             return fused
 
@@ -645,6 +638,23 @@ class _TensorFlowTraining(_FusedTraining):
             return fused(iterator)
 
         return train_function
+
+
+def _keras_train_function_around(model, train_step, jit_compile=None):
+    """Keras' own TF train function, traced around `train_step` (once per
+    inner step when `steps_per_execution > 1`), with the model's
+    `jit_compile` set to `jit_compile` for the trace when given."""
+    saved = model.jit_compile
+    model.train_step = train_step
+    if jit_compile is not None:
+        model.jit_compile = jit_compile
+    try:
+        model.make_train_function(force=True)
+    finally:
+        del model.train_step
+        if jit_compile is not None:
+            model.jit_compile = saved
+    return model.train_function
 
 
 def _mostly_large(variables) -> bool:
@@ -1357,14 +1367,7 @@ class _TensorFlowHostTraining(_FusedTraining):
             counters, decay = _host_assign_update(state, real)
             return _ema_logs(logs, counters, decay)
 
-        model.train_step = train_step
-        model.jit_compile = False
-        try:
-            model.make_train_function(force=True)
-        finally:
-            del model.train_step
-            model.jit_compile = jit_compile
-        return model.train_function
+        return _keras_train_function_around(model, train_step, jit_compile=False)
 
 
 def _host_assign_update(state, real):

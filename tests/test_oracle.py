@@ -246,6 +246,19 @@ def test_gradient_accumulation_across_fits_ending_mid_accumulation(offload):
     assert_close(oracle.ema, ema_values(ema))
 
 
+def fit_two_epochs_against_oracle(model, hp, extra, offload):
+    """Two epochs of 6 steps, the EMA compared with the oracle at each."""
+    ema = keras_ema.EMA(**hp, **extra, offload_to_host=offload)
+    oracle = ArticleEMA(float_weights(model), **hp, **extra)
+    recorder = Recorder(ema, oracle)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
+    assert recorder.checked == 12
+    assert ema.step == oracle.step == 12
+    assert_close(oracle.ema, ema_values(ema))
+    return ema
+
+
 @pytest.mark.parametrize("width", [300, 1100])
 def test_large_and_small_weights_together_match_article(offload, width):
     # Weights of very different sizes in one update, step by step. torch
@@ -262,14 +275,7 @@ def test_large_and_small_weights_together_match_article(offload, width):
         name="net",
     )
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
-    ema = keras_ema.EMA(**hp, offload_to_host=offload)
-    oracle = ArticleEMA(float_weights(model), **hp)
-    recorder = Recorder(ema, oracle)
-    x, y = make_data(48)
-    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
-    assert recorder.checked == 12
-    assert ema.step == oracle.step == 12
-    assert_close(oracle.ema, ema_values(ema))
+    ema = fit_two_epochs_against_oracle(model, hp, {}, offload)
     # A NaN in one weight skips the whole update, on every path.
     before = ema_values(ema)
     kernel = next(w for w in model.weights if w.path == "net/large/kernel")
@@ -311,14 +317,7 @@ def test_many_small_weights_with_filters_match_article(offload, jit_compile):
         ignore_names=["many/h1/kernel"],
         ignore_startswith_names=["many/h3/"],
     )
-    ema = keras_ema.EMA(**hp, **extra, offload_to_host=offload)
-    oracle = ArticleEMA(float_weights(model), **hp, **extra)
-    recorder = Recorder(ema, oracle)
-    x, y = make_data(48)
-    model.fit(x, y, batch_size=8, epochs=2, callbacks=[ema, recorder], verbose=0)
-    assert recorder.checked == 12
-    assert ema.step == oracle.step == 12
-    assert_close(oracle.ema, ema_values(ema))
+    ema = fit_two_epochs_against_oracle(model, hp, extra, offload)
     assert ema_values(ema)["many/out/kernel"].dtype == np.float32
 
 
