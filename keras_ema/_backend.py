@@ -272,10 +272,6 @@ class Packing:
         self.shapes = [tuple(shadow.shape) for shadow in state.shadows]
         self.shadow_dtypes = [shadow.dtype for shadow in state.shadows]
 
-    @property
-    def packs_any(self) -> bool:
-        return any(self.flat)
-
     def pack(self, values) -> list:
         """One value per group from values aligned with the shadows, each
         cast to its shadow's dtype."""
@@ -475,11 +471,13 @@ def live_values(state) -> LiveValues:
 
 
 def _tf_packs(state) -> bool:
+    """Whether the model trains outside any `tf.distribute` strategy (its
+    strategy is TF's default one, and none is in scope)."""
     import tensorflow as tf
 
-    return not tf.distribute.has_strategy() and (
-        getattr(state.model, "_distribute_strategy", None) is None
-    )
+    if tf.distribute.has_strategy():
+        return False
+    return state.model.distribute_strategy is tf.distribute.get_strategy()
 
 
 # --------------------------------------------------------------------------
@@ -1315,6 +1313,10 @@ class _TorchHostKernel(TorchKernel):
         ]
         self._pending = None
         self._copied = None
+
+    def _blends_in_place(self) -> bool:
+        # Always through the staging buffer: the weights may be on a device.
+        return False
 
     def _blend(self, weights) -> None:
         self.finish()

@@ -91,7 +91,8 @@ def classify(
 
 
 # Values of up to this many elements are checked for NaN/Inf in groups (and,
-# on JAX, packed into shared arrays); larger ones alone.
+# on JAX and TensorFlow, packed into shared arrays during `fit`); larger ones
+# alone.
 CHUNK = 1 << 15
 
 
