@@ -192,7 +192,7 @@ def fused_update(
     new_step = step + advance
     warm = ops.less_equal(step, schedule.update_after_step)
     copy_all = ops.logical_and(due, ops.logical_or(warm, ops.equal(initialized, 0)))
-    weight = schedule.update_weight(new_step)
+    weight = schedule.compiled_weight(new_step)
 
     def blend_by_branches(values, finite):
         values = [ops.cast(v, s.dtype) for v, s in zip(values, shadows, strict=True)]
