@@ -69,9 +69,37 @@ def snapshot(variable):
     return fresh_copy(variable.value, keras.backend.standardize_dtype(variable.dtype))
 
 
-def restore(variable, value) -> None:
-    """Writes a snapshot back, bit for bit (no arithmetic, same dtype)."""
-    variable.assign(value)
+def online_backup(model, tracked) -> list:
+    """What a swap must be able to put back, as `(variable, value)` pairs.
+
+    The tracked weights' own values (the EMA weights replace them). On JAX,
+    also a copy of every other model variable: Keras' JAX `evaluate` and
+    `predict` take all of them out of the model while they run, and donate
+    (delete) their arrays, so an interrupted one leaves them without a value
+    (a Dropout layer's seed state, integer weights).
+    """
+    pairs = [(weight, snapshot(weight)) for weight in tracked]
+    if BACKEND == "jax":
+        ids = {id(weight) for weight in tracked}
+        pairs += [
+            (variable, fresh_copy(variable.value, variable.value.dtype))
+            for variable in model.variables
+            if id(variable) not in ids and variable.value is not None
+        ]
+    return pairs
+
+
+def restore_backup(model, backup) -> None:
+    """Puts `online_backup`'s values back, bit for bit (no arithmetic).
+
+    On JAX, Keras' state of an interrupted `evaluate`/`predict` is synced
+    into the model first (public `jax_state_sync`): left pending, it would
+    overwrite the restored values at the next read of `callback.model`.
+    """
+    if BACKEND == "jax":
+        model.jax_state_sync()
+    for variable, value in backup:
+        variable.assign(value)
 
 
 def variable_scope(model):

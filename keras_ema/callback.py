@@ -421,8 +421,9 @@ class EMA(keras.callbacks.Callback):
         self._restore_online_weights()
         state.check_model_unchanged()
         state.live.sync_to_variables()
-        backup = [_backend.snapshot(w) for w in state.weights]
-        self._online_backup = backup
+        # Saved before the first assignment, so that an interruption
+        # anywhere from here on is repaired.
+        self._online_backup = _backend.online_backup(self.model, state.weights)
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
             weight.assign(_backend.copy_for_weight(shadow.value, weight))
 
@@ -434,5 +435,4 @@ class EMA(keras.callbacks.Callback):
         backup, self._online_backup = self._online_backup, None
         if backup is None:
             return
-        for weight, value in zip(self._state.weights, backup, strict=True):
-            _backend.restore(weight, value)
+        _backend.restore_backup(self.model, backup)

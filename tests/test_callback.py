@@ -336,3 +336,37 @@ def test_jax_compiles_the_fused_step_once_for_many_fits(caplog):
         if r.getMessage().startswith("Compiling jit(fused_step)")
     ]
     assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+
+
+def dropout_model() -> keras.Model:
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, name="d1"),
+            keras.layers.Dropout(0.2, name="drop"),
+            keras.layers.Dense(1, name="d2"),
+        ],
+        name="drop_net",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("method", ["evaluate", "predict"])
+def test_interrupted_swap_puts_back_every_model_variable(method):
+    # On JAX an interrupted evaluate/predict leaves the model's variables
+    # without values (Keras detaches them while its loop runs), the Dropout
+    # seed state included: the next use of the callback puts them all back.
+    model = dropout_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    x, y = make_data(32)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    online = numpy_weights(model)
+    hook = "on_test_batch_end" if method == "evaluate" else "on_predict_batch_end"
+    args = (x, y) if method == "evaluate" else (x,)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(model, method)(*args, verbose=0, callbacks=[ema, RaiseAt(hook)])
+    getattr(model, method)(*args, verbose=0, callbacks=[ema])
+    assert_bit_equal(online, numpy_weights(model))
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+
