@@ -132,7 +132,13 @@ class EMA(keras.callbacks.Callback):
         self._state = None
         self._training = None
         self._updater = None
+        # The online values that a swap took out of the model, as
+        # `(variable, value)` pairs, until they are put back.
         self._online_backup = None
+        # Open `swap_weights()` blocks, and whether an `evaluate`/`predict`
+        # of this callback swapped the EMA weights in.
+        self._swap_depth = 0
+        self._hook_swapped = False
         self._in_fit = False
         self._unwrap_evaluate = None
         self._warned_skipped = 0
@@ -174,7 +180,7 @@ class EMA(keras.callbacks.Callback):
     def update(self) -> None:
         """One step of the article's `update()`, for use outside `fit`."""
         state = self._require_state()
-        self._restore_online_weights()
+        self._require_online_weights("update()")
         state.check_model_unchanged()
         if self._updater is None:
             self._updater = _backend.EagerUpdater(state)
@@ -188,7 +194,6 @@ class EMA(keras.callbacks.Callback):
         `other_model.set_weights(ema.get_weights())` works.
         """
         state = self._require_state()
-        self._restore_online_weights()
         state.live.sync_to_variables()
         shadows = {id(w): s for w, s in zip(state.weights, state.shadows, strict=True)}
         result = []
@@ -207,19 +212,26 @@ class EMA(keras.callbacks.Callback):
         """A context with the EMA weights in the model.
 
         On exit, also through an exception, the model gets its online weights
-        back, bit for bit.
+        back, bit for bit. Blocks nest: an inner block changes nothing, and
+        the model keeps the EMA weights until the outermost block exits.
+        Inside a block, what needs the online weights (`fit`, `update()`,
+        `copy_to_model()`) raises a `ValueError`.
         """
-        self._swap_in()
+        if self._swap_depth == 0:
+            self._swap_in()
+        self._swap_depth += 1
         try:
             yield self.model
         finally:
-            self._swap_out()
+            self._swap_depth -= 1
+            if self._swap_depth == 0:
+                self._restore_online_weights()
 
     def copy_to_model(self) -> None:
         """Writes the EMA weights into the model for good (e.g. before
         `model.save`). The online weights are overwritten."""
         state = self._require_state()
-        self._restore_online_weights()
+        self._require_online_weights("copy_to_model()")
         state.live.sync_to_variables()
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
             weight.assign(_backend.copy_for_weight(shadow.value, weight))
@@ -245,7 +257,7 @@ class EMA(keras.callbacks.Callback):
         self._apply_state(*self._read_state(path))
 
     def _write_state(self, path) -> None:
-        # No `_restore_online_weights()` here: a checkpoint may be written
+        # The model may hold the EMA weights: a checkpoint may be written
         # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
         state_io.save(path, self._require_state(), self.get_config())
 
@@ -259,7 +271,7 @@ class EMA(keras.callbacks.Callback):
     def _apply_state(self, header: dict, arrays: list, path) -> None:
         state = self._require_state()
         self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
-        self._restore_online_weights()
+        self._repair_interrupted_swap()
         for shadow, array in zip(state.shadows, arrays, strict=True):
             shadow.assign(array)
         state.step.assign(header["step"])
@@ -271,7 +283,7 @@ class EMA(keras.callbacks.Callback):
         """After `model.load_weights` without an EMA file: an EMA that has not
         updated yet is a copy of the weights, so it takes the loaded ones."""
         if self._state is not None and self.step == 0:
-            self._restore_online_weights()
+            self._repair_interrupted_swap()
             self._state.copy_weights_into_shadows()
 
     def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
@@ -304,7 +316,10 @@ class EMA(keras.callbacks.Callback):
     # Keras hooks
 
     def set_model(self, model) -> None:
-        self._restore_online_weights()
+        # Inside `swap_weights()` an `evaluate(callbacks=[ema])` sets the
+        # model again: the swapped-in EMA weights must stay.
+        if self._swap_depth == 0:
+            self._repair_interrupted_swap()
         if self._state is not None and self._state.model is not model:
             raise ValueError(
                 "This `EMA` callback already tracks model "
@@ -322,7 +337,7 @@ class EMA(keras.callbacks.Callback):
         state.check_model_unchanged()
         # A distribution may be set after the EMA was created.
         _backend.check_placement(state.weights)
-        self._restore_online_weights()
+        self._require_online_weights("fit")
         if self._training is None:
             self._training = _backend.fused_training(state)
         self._training.install()
@@ -355,17 +370,16 @@ class EMA(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None) -> None:
         if not self._in_fit:
-            self._swap_in()
+            self._swap_in_for_hooks()
 
     def on_test_end(self, logs=None) -> None:
-        if not self._in_fit:
-            self._swap_out()
+        self._swap_out_for_hooks()
 
     def on_predict_begin(self, logs=None) -> None:
-        self._swap_in()
+        self._swap_in_for_hooks()
 
     def on_predict_end(self, logs=None) -> None:
-        self._swap_out()
+        self._swap_out_for_hooks()
 
     # ------------------------------------------------------------------
     # Internals
@@ -416,9 +430,21 @@ class EMA(keras.callbacks.Callback):
             logs.update({f"ema_{name}": value for name, value in ema_logs.items()})
         return logs
 
+    def _swap_in_for_hooks(self) -> None:
+        """`evaluate`/`predict` with this callback: EMA weights, unless a
+        `swap_weights()` block has them in the model already."""
+        if self._swap_depth == 0:
+            self._swap_in()
+            self._hook_swapped = True
+
+    def _swap_out_for_hooks(self) -> None:
+        if self._hook_swapped:
+            self._hook_swapped = False
+            self._restore_online_weights()
+
     def _swap_in(self) -> None:
         state = self._require_state()
-        self._restore_online_weights()
+        self._repair_interrupted_swap()
         state.check_model_unchanged()
         state.live.sync_to_variables()
         # Saved before the first assignment, so that an interruption
@@ -427,11 +453,22 @@ class EMA(keras.callbacks.Callback):
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
             weight.assign(_backend.copy_for_weight(shadow.value, weight))
 
-    def _swap_out(self) -> None:
+    def _require_online_weights(self, action: str) -> None:
+        if self._swap_depth:
+            raise ValueError(
+                f"`{action}` needs the online weights in the model, but it was "
+                "called inside `ema.swap_weights()`, which holds the EMA "
+                "weights there. Call it after the block."
+            )
+        self._repair_interrupted_swap()
+
+    def _repair_interrupted_swap(self) -> None:
+        """Puts back what a swap took out, where an interrupted `evaluate`
+        or `predict` (whose end hook never ran) left it out."""
+        self._hook_swapped = False
         self._restore_online_weights()
 
     def _restore_online_weights(self) -> None:
-        """Puts back online weights left out by an interrupted swap."""
         backup, self._online_backup = self._online_backup, None
         if backup is None:
             return

@@ -370,3 +370,59 @@ def test_interrupted_swap_puts_back_every_model_variable(method):
     assert_bit_equal(online, numpy_weights(model))
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
 
+
+def test_nested_swaps_keep_the_ema_weights_until_the_outer_block_exits():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    online = numpy_weights(model)
+    xv, yv = make_data(32, seed=1)
+    with ema.swap_weights():
+        swapped = numpy_weights(model)
+        assert any(
+            not np.array_equal(swapped[path], online[path]) for path in online
+        )
+        with ema.swap_weights():
+            assert_bit_equal(swapped, numpy_weights(model))
+        assert_bit_equal(swapped, numpy_weights(model))
+        model.evaluate(xv, yv, verbose=0, callbacks=[ema])
+        model.predict(xv, verbose=0, callbacks=[ema])
+        assert_bit_equal(swapped, numpy_weights(model))
+    assert_bit_equal(online, numpy_weights(model))
+
+
+def test_nested_swap_exception_unwinds_to_the_online_weights():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    online = numpy_weights(model)
+    with pytest.raises(RuntimeError), ema.swap_weights():
+        with ema.swap_weights():
+            raise RuntimeError("boom")
+    assert_bit_equal(online, numpy_weights(model))
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        lambda ema, model: ema.update(),
+        lambda ema, model: ema.copy_to_model(),
+        lambda ema, model: model.fit(
+            *make_data(16), batch_size=8, epochs=1, verbose=0, callbacks=[ema]
+        ),
+    ],
+    ids=["update", "copy_to_model", "fit"],
+)
+def test_what_needs_online_weights_is_refused_inside_a_swap(action):
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit_with_validation(model, ema, epochs=1)
+    online = numpy_weights(model)
+    step = ema.step
+    with ema.swap_weights():
+        swapped = numpy_weights(model)
+        with pytest.raises(ValueError, match="swap_weights"):
+            action(ema, model)
+        assert_bit_equal(swapped, numpy_weights(model))
+    assert_bit_equal(online, numpy_weights(model))
+    assert ema.step == step
