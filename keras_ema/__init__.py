@@ -2,8 +2,21 @@
 
 from keras_ema.callback import EMA
 from keras_ema.checkpoint import EMAModelCheckpoint
+from keras_ema.schedule import BiasCorrectedSchedule
+from keras_ema.schedule import HalfLifeSchedule
+from keras_ema.schedule import PowerFunctionSchedule
+from keras_ema.schedule import Schedule
 from keras_ema.schedule import WarmupSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["EMA", "EMAModelCheckpoint", "WarmupSchedule", "__version__"]
+__all__ = [
+    "EMA",
+    "BiasCorrectedSchedule",
+    "EMAModelCheckpoint",
+    "HalfLifeSchedule",
+    "PowerFunctionSchedule",
+    "Schedule",
+    "WarmupSchedule",
+    "__version__",
+]
