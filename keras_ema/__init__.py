@@ -2,8 +2,15 @@
 
 from keras_ema.callback import EMA
 from keras_ema.checkpoint import EMAModelCheckpoint
+from keras_ema.posthoc import PostHocRun
 from keras_ema.schedule import WarmupSchedule
 
 __version__ = "0.1.0"
 
-__all__ = ["EMA", "EMAModelCheckpoint", "WarmupSchedule", "__version__"]
+__all__ = [
+    "EMA",
+    "EMAModelCheckpoint",
+    "PostHocRun",
+    "WarmupSchedule",
+    "__version__",
+]
