@@ -8,6 +8,7 @@ Keras.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import keras
@@ -77,3 +78,45 @@ def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
 
 def keras_version() -> tuple[int, ...]:
     return tuple(int(p) for p in keras.__version__.split(".")[:3] if p.isdigit())
+
+
+def running_fit(model) -> dict:
+    """The local variables of the `fit` of `model` that is running now, or
+    `{}` outside one.
+
+    Keras gives a callback no handle on the other callbacks of its `fit`,
+    nor on whether the `fit` validates. Every trainer's `fit`
+    (keras/src/backend/*/trainer.py) keeps both in locals before it calls
+    `on_train_begin`: `callbacks` (the `CallbackList`) and `validation_data`
+    (set from `validation_split` too). A user override of `fit` that calls
+    Keras' own is skipped: the frame taken is the one holding a
+    `CallbackList`.
+    """
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            names = frame.f_locals
+            if (
+                frame.f_code.co_name == "fit"
+                and names.get("self") is model
+                and isinstance(names.get("callbacks"), keras.callbacks.CallbackList)
+            ):
+                return dict(names)
+            frame = frame.f_back
+        return {}
+    finally:
+        del frame
+
+
+def fit_callbacks(model) -> list:
+    """The callbacks of the running `fit` of `model` (empty outside one)."""
+    callbacks = running_fit(model).get("callbacks")
+    return list(callbacks.callbacks) if callbacks is not None else []
+
+
+def fit_validates(model) -> bool | None:
+    """Whether the running `fit` of `model` validates; `None` if unknown."""
+    names = running_fit(model)
+    if not names:
+        return None
+    return names.get("validation_data") is not None

@@ -18,9 +18,10 @@ from keras_ema.schedule import WarmupSchedule
 from keras_ema.shadow import ShadowState
 from keras_ema.shadow import check_names
 
-# Where the shadows live changes no value: a state file saved with another
-# placement loads without a warning.
-_PLACEMENT_OPTIONS = ("offload_to_host",)
+# Options that change no shadow value: a state file saved with others loads
+# without a warning.
+_PLACEMENT_OPTIONS = ("offload_to_host", "validate")
+_VALIDATE_OPTIONS = ("both", "ema")
 
 
 class EMA(keras.callbacks.Callback):
@@ -87,6 +88,11 @@ class EMA(keras.callbacks.Callback):
             weights to the host, where the update runs; on JAX and torch the
             copy does not hold up the train step. Swaps and state files work
             the same. Defaults to `False`.
+        validate: Which weights `fit`'s validation evaluates: `"both"`
+            logs `val_<name>` (online weights) and `val_ema_<name>` (EMA
+            weights); `"ema"` evaluates only the EMA weights and logs only
+            `val_ema_<name>`, for validation too costly to run twice.
+            Defaults to `"both"`.
 
     References:
         - Karras et al., 2024, "Analyzing and Improving the Training Dynamics
@@ -106,6 +112,7 @@ class EMA(keras.callbacks.Callback):
         ignore_names: Iterable[str] = (),
         ignore_startswith_names: Iterable[str] = (),
         offload_to_host: bool = False,
+        validate: str = "both",
     ) -> None:
         super().__init__()
         self.schedule = WarmupSchedule(
@@ -129,6 +136,12 @@ class EMA(keras.callbacks.Callback):
                 f"Received: offload_to_host={offload_to_host!r}"
             )
         self.offload_to_host = offload_to_host
+        if validate not in _VALIDATE_OPTIONS:
+            raise ValueError(
+                f"`validate` must be one of {_VALIDATE_OPTIONS}. "
+                f"Received: validate={validate!r}"
+            )
+        self.validate = validate
         self._state = None
         self._training = None
         self._updater = None
@@ -306,6 +319,7 @@ class EMA(keras.callbacks.Callback):
             "ignore_names": list(self.ignore_names),
             "ignore_startswith_names": list(self.ignore_startswith_names),
             "offload_to_host": self.offload_to_host,
+            "validate": self.validate,
         }
 
     @classmethod
@@ -345,6 +359,7 @@ class EMA(keras.callbacks.Callback):
             self.model, self._evaluate_online_and_ema
         )
         self._in_fit = True
+        self._warn_about_mistakes()
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         if self._in_fit:
@@ -367,6 +382,7 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None) -> None:
         self._finish_training()
+        self._warn_if_never_averaged()
 
     def on_test_begin(self, logs=None) -> None:
         if not self._in_fit:
@@ -418,17 +434,77 @@ class EMA(keras.callbacks.Callback):
             self._training.uninstall()
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
-        """`fit`'s validation: online metrics, then the same with EMA weights."""
-        logs = keras_evaluate(*args, **kwargs)
+        """`fit`'s validation: online metrics, then the same with EMA weights
+        (or, with `validate="ema"`, only the EMA's)."""
         if not _internals.is_fit_validation(kwargs):
-            return logs
+            return keras_evaluate(*args, **kwargs)
+        if self.validate == "ema":
+            with self.swap_weights():
+                logs = keras_evaluate(*args, **kwargs)
+            return _prefixed_ema(logs)
+        logs = keras_evaluate(*args, **kwargs)
         ema_kwargs = dict(kwargs, callbacks=None, verbose=0)
         with self.swap_weights():
             ema_logs = keras_evaluate(*args, **ema_kwargs)
         if isinstance(logs, dict):
-            logs = dict(logs)
-            logs.update({f"ema_{name}": value for name, value in ema_logs.items()})
+            logs = {**logs, **_prefixed_ema(ema_logs)}
         return logs
+
+    def _warn_about_mistakes(self) -> None:
+        """Warnings, at the start of `fit`, about setups that do not do what
+        their author most likely expects."""
+        optimizer = getattr(self.model, "optimizer", None)
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        if getattr(inner, "use_ema", False):
+            warnings.warn(
+                "The optimizer was created with `use_ema=True`: Keras' own EMA "
+                "writes its average into the model at the end of `fit`, so the "
+                "model will not hold its online weights afterwards, and the "
+                "two EMAs average each other's effects. Create the optimizer "
+                "with `use_ema=False` when using `keras_ema.EMA`.",
+                stacklevel=3,
+            )
+        monitored = [
+            (callback, callback.monitor)
+            for callback in _internals.fit_callbacks(self.model)
+            if callback is not self
+            and isinstance(getattr(callback, "monitor", None), str)
+            and callback.monitor.startswith("val_ema_")
+        ]
+        for callback, key in monitored:
+            if isinstance(callback, keras.callbacks.ModelCheckpoint) and not hasattr(
+                callback, "ema"
+            ):
+                warnings.warn(
+                    f"A `ModelCheckpoint` monitors `{key}` but saves the model "
+                    "with its online weights. To save the EMA weights, use "
+                    "`keras_ema.EMAModelCheckpoint(ema, filepath, ...)`.",
+                    stacklevel=3,
+                )
+        if monitored and _internals.fit_validates(self.model) is False:
+            warnings.warn(
+                f"`{monitored[0][1]}` is monitored by "
+                f"`{type(monitored[0][0]).__name__}`, but this `fit` runs no "
+                "validation, so no `val_ema_*` key will be logged. "
+                "`val_ema_*` needs `validation_data` (or `validation_split`).",
+                stacklevel=3,
+            )
+
+    def _warn_if_never_averaged(self) -> None:
+        if self._state is None:
+            return
+        schedule = self.schedule
+        if self.step >= schedule.first_averaging_step():
+            return
+        warnings.warn(
+            f"After {self.step} optimizer steps the EMA has not averaged yet: "
+            "it is still a copy of the weights. The first update that averages "
+            f"comes after step {schedule.first_averaging_step() - 1} with "
+            f"`update_after_step={getattr(schedule, 'update_after_step', 0)}` "
+            f"and `update_every={schedule.update_every}`; lower "
+            "`update_after_step` or train longer.",
+            stacklevel=3,
+        )
 
     def _swap_in_for_hooks(self) -> None:
         """`evaluate`/`predict` with this callback: EMA weights, unless a
@@ -473,3 +549,10 @@ class EMA(keras.callbacks.Callback):
         if backup is None:
             return
         _backend.restore_backup(self.model, backup)
+
+
+def _prefixed_ema(logs):
+    """`evaluate` logs renamed `ema_<name>`; `fit` adds the `val_`."""
+    if not isinstance(logs, dict):
+        return logs
+    return {f"ema_{name}": value for name, value in logs.items()}

@@ -155,6 +155,11 @@ class Schedule:
     def compiled_weight(self, t):
         raise NotImplementedError
 
+    def first_averaging_step(self) -> int:
+        """The first step `t` whose update averages rather than copies:
+        before it, the EMA is a copy of the weights."""
+        raise NotImplementedError
+
     def get_config(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -211,6 +216,9 @@ class WarmupSchedule(Schedule):
 
     def copies_all(self, t: int) -> bool:
         return self.is_due(t) and t - 1 <= self.first_average_step
+
+    def first_averaging_step(self) -> int:
+        return self.first_average_step + self.update_every + 1
 
     def weight(self, t: int) -> float:
         elapsed = max(int(t) - self.update_after_step - 1, 0)
@@ -282,6 +290,9 @@ class _PeriodicSchedule(Schedule):
 
     def copies_all(self, t: int) -> bool:
         return int(t) == self.update_every
+
+    def first_averaging_step(self) -> int:
+        return 2 * self.update_every
 
     def weight(self, t: int) -> float:
         """The weight of the latest update made at or before step `t` (1

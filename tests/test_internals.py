@@ -7,6 +7,7 @@ import inspect
 import keras
 import pytest
 from conftest import BACKEND
+from conftest import make_data
 from conftest import make_model
 
 from keras_ema import _internals
@@ -71,3 +72,26 @@ def test_jax_train_out_shardings_mirror_keras_make_train_function():
     assert len(state) == len(groups)
     for shardings, variables in zip(state, groups, strict=True):
         assert shardings == [v.value.sharding for v in variables]
+
+
+def test_running_fit_exposes_the_callbacks_and_whether_fit_validates():
+    from keras_ema import _internals
+
+    seen = {}
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen["callbacks"] = _internals.fit_callbacks(self.model)
+            seen["validates"] = _internals.fit_validates(self.model)
+
+    model = make_model()
+    x, y = make_data(16)
+    probe = Probe()
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[probe])
+    assert probe in seen["callbacks"] and seen["validates"] is False
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[probe], validation_split=0.5)
+    assert seen["validates"] is True
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[probe], validation_data=(x, y))
+    assert seen["validates"] is True
+    assert _internals.fit_callbacks(model) == []
+    assert _internals.fit_validates(model) is None
