@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 import keras
@@ -95,12 +96,18 @@ def read(path: str) -> tuple[dict, list]:
 
 
 def match(header: dict, arrays: list, state, path: str) -> list:
-    """Pairs the file's shadows with the state's; raises on any mismatch."""
+    """Pairs the file's shadows with the state's; raises on any mismatch.
+
+    The pairing is by position, as Keras pairs the entries of a
+    `.weights.h5` file with a model's weights (by the model's structure, not
+    by layer names); each pair must have the same shape and dtype, and
+    paths that `_same_weight` accepts.
+    """
     saved = header["variables"]
     if len(saved) != len(state.paths):
-        saved_paths = {v["path"] for v in saved}
+        saved_paths = [v["path"] for v in saved]
         missing = [p for p in state.paths if not _matched(p, saved_paths)]
-        extra = [v["path"] for v in saved if not _matched(v["path"], state.paths)]
+        extra = [p for p in saved_paths if not _matched(p, state.paths)]
         raise ValueError(
             f"{path!r} holds {len(saved)} EMA variables but the model has "
             f"{len(state.paths)} floating-point weights. Missing from the file: "
@@ -126,15 +133,34 @@ def match(header: dict, arrays: list, state, path: str) -> list:
     return arrays
 
 
+# Keras makes names unique within a process by appending `_<n>` to the
+# default name (`dense`, `dense_1`, ...; `variable_3` for an unnamed weight).
+_AUTO_NUMBER = re.compile(r"_\d+$")
+
+
 def _same_weight(saved: str, current: str) -> bool:
-    """Paths lose or gain a leading model name across `load_model`
-    (`net/a/kernel` vs `a/kernel`): equal up to a prefix of whole segments."""
-    if saved == current:
-        return True
-    longer, shorter = (
-        (saved, current) if len(saved) > len(current) else (current, saved)
-    )
-    return longer.endswith("/" + shorter)
+    """Whether two variable paths name the same weight of one architecture.
+
+    Keras' `.weights.h5` files address weights by the model's structure:
+    attribute names and class names, never the layer names, which Keras
+    numbers anew for each model built in a process (`dense_4/kernel` in one
+    build is `dense_6/kernel` in the next). State files keep `variable.path`
+    instead, so two paths name the same weight when they are equal segment
+    by segment once that `_<n>` suffix is removed from every segment, and up
+    to leading segments: paths lose or gain a leading model name across
+    `keras.models.load_model` (`net/a/kernel` vs `a/kernel`). With the
+    positional pairing, the same count and the shape and dtype checks, this
+    accepts every rebuild of an architecture and still tells layers of
+    another type (`batch_normalization/gamma` vs `layer_normalization/gamma`)
+    or another variable (`moving_mean` vs `gamma`) apart.
+    """
+    saved_segments, current_segments = _segments(saved), _segments(current)
+    shorter, longer = sorted((saved_segments, current_segments), key=len)
+    return longer[len(longer) - len(shorter) :] == shorter
+
+
+def _segments(path: str) -> list[str]:
+    return [_AUTO_NUMBER.sub("", segment) for segment in path.split("/")]
 
 
 def _matched(path: str, others) -> bool:

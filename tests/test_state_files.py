@@ -1,0 +1,138 @@
+"""State files of models built again in one process, and errors on files."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_bit_equal
+from conftest import ema_values
+from conftest import make_data
+
+import keras_ema
+
+HP = dict(beta=0.99, update_after_step=2, update_every=1)
+
+
+def make_auto_named_model(normalization=keras.layers.BatchNormalization):
+    """A small MLP whose layers and model get Keras' automatic names, which
+    change with every model built in a process."""
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            normalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return model
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FailAtEpochEnd(keras.callbacks.Callback):
+    """Interrupts the run at the end of epoch `epoch`, as a crash would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Interrupted(f"interrupted at the end of epoch {epoch}")
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_backup_and_restore_resumes_a_model_built_again_in_the_same_process(
+    tmp_path, ema_first
+):
+    x, y = make_data(48)
+    initial = make_auto_named_model().get_weights()
+    backup_dir = str(tmp_path / "backup")
+
+    emas = []
+
+    def run(*callbacks):
+        # No `clear_session()`: every model built here gets new layer names.
+        model = make_auto_named_model()
+        model.set_weights(initial)
+        emas.append(keras_ema.EMA(**HP))
+        callbacks = [emas[-1], *callbacks] if ema_first else [*callbacks, emas[-1]]
+        model.fit(
+            x, y, batch_size=8, epochs=4, shuffle=False, verbose=0, callbacks=callbacks
+        )
+        return model, emas[-1]
+
+    full_model, full_ema = run()
+    with pytest.raises(Interrupted):
+        run(keras.callbacks.BackupAndRestore(backup_dir), FailAtEpochEnd(1))
+    interrupted_ema = emas[-1]
+
+    model, ema = run(keras.callbacks.BackupAndRestore(backup_dir))
+    assert ema.tracked_paths != interrupted_ema.tracked_paths
+    assert ema.step == full_ema.step == 24
+    for expected, actual in zip(
+        ema_values(full_ema).values(), ema_values(ema).values(), strict=True
+    ):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+    for expected, actual in zip(
+        full_model.get_weights(), model.get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+
+
+def test_load_state_into_the_same_architecture_built_again(tmp_path):
+    x, y = make_data(48)
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+
+    rebuilt = make_auto_named_model()
+    rebuilt_ema = keras_ema.EMA(**HP)
+    rebuilt_ema.set_model(rebuilt)
+    assert rebuilt_ema.tracked_paths != ema.tracked_paths
+    rebuilt_ema.load_state(path)
+    assert rebuilt_ema.step == ema.step == 6
+    assert_bit_equal(
+        dict(enumerate(ema_values(ema).values())),
+        dict(enumerate(ema_values(rebuilt_ema).values())),
+    )
+
+
+def test_another_architecture_with_weights_of_the_same_shapes_is_refused(tmp_path):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    path = str(tmp_path / "ema.npz")
+    ema.save_state(path)
+
+    # Dense, LayerNormalization (gamma, beta), LayerNormalization, Dense: as
+    # many weights as Dense, BatchNormalization (four), Dense, shapes equal.
+    other = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.LayerNormalization(),
+            keras.layers.LayerNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+    other_ema = keras_ema.EMA(**HP)
+    other_ema.set_model(other)
+    assert [tuple(v.shape) for v in other_ema.variables] == [
+        tuple(v.shape) for v in ema.variables
+    ]
+    before = ema_values(other_ema)
+    with pytest.raises(
+        ValueError,
+        match=r"variable '[\w/]*layer_normalization[\w/]*/gamma' is "
+        r"'[\w/]*batch_normalization[\w/]*/gamma' in the file",
+    ):
+        other_ema.load_state(path)
+    assert_bit_equal(before, ema_values(other_ema))
+    assert other_ema.step == 0
