@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 
 import keras
 import numpy as np
@@ -45,8 +45,7 @@ def save(path: str, state, hyperparameters: dict) -> None:
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
     for index, shadow in enumerate(state.shadows):
         arrays[f"shadow_{index}"] = ops.convert_to_numpy(shadow.value)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    handle, temporary = _create_temporary_beside(path)
     try:
         with os.fdopen(handle, "wb") as file:
             np.savez(file, **arrays)
@@ -57,6 +56,32 @@ def save(path: str, state, hyperparameters: dict) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def _create_temporary_beside(path: str) -> tuple[int, str]:
+    """Creates a new, empty file in `path`'s folder; returns its descriptor
+    and path.
+
+    `tempfile.mkstemp` would create it with mode `0o600` whatever the umask,
+    and `os.replace` keeps that mode. Created with `0o666` here, the file
+    gets `0o666 & ~umask`, as with `open(path, "w")` and as Keras' weights
+    file beside it does.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    flags = (
+        os.O_WRONLY
+        | os.O_CREAT
+        | os.O_EXCL
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_BINARY", 0)
+    )
+    for _ in range(100):
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"No free temporary file name beside {path!r}.")
 
 
 def read(path: str) -> tuple[dict, list]:

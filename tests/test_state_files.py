@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import keras
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from conftest import ema_values
 from conftest import make_data
 
 import keras_ema
+from keras_ema.backup import sidecar_path
 
 HP = dict(beta=0.99, update_after_step=2, update_every=1)
 
@@ -136,3 +140,27 @@ def test_another_architecture_with_weights_of_the_same_shapes_is_refused(tmp_pat
         other_ema.load_state(path)
     assert_bit_equal(before, ema_values(other_ema))
     assert other_ema.step == 0
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_state_files_get_the_mode_the_umask_gives_like_the_weights_file(
+    tmp_path, umask
+):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    previous = os.umask(umask)
+    try:
+        ema.save_state(str(tmp_path / "ema.npz"))
+        weights = str(tmp_path / "w.weights.h5")
+        model.save_weights(weights)
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "ema.npz").st_mode) == expected
+    assert stat.S_IMODE(os.stat(sidecar_path(weights)).st_mode) == expected
+    assert stat.S_IMODE(os.stat(weights).st_mode) == expected
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["ema.npz", "w.weights.h5", os.path.basename(sidecar_path(weights))]
+    )
