@@ -229,6 +229,8 @@ class EMA(keras.callbacks.Callback):
 
         The file is a NumPy `.npz` archive with a JSON header (no pickle),
         written atomically: a crash mid-save leaves any previous file intact.
+        If `path`'s folder does not exist, a `FileNotFoundError` (also a
+        `ValueError`) names `path`.
         """
         self._write_state(path)
 
@@ -242,7 +244,9 @@ class EMA(keras.callbacks.Callback):
         differ in Keras' automatic numbering (`dense_4` vs `dense_6`) and by
         a leading model name (as they do across `keras.models.load_model`).
         The callback keeps its own hyperparameters: where the file's differ,
-        a warning names them.
+        a warning names them. A file that does not exist raises a
+        `FileNotFoundError`, as Keras' `model.load_weights` does, which is
+        also a `ValueError`.
         """
         self._apply_state(*self._read_state(path))
 

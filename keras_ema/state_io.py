@@ -15,6 +15,7 @@ the previous file intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,6 +27,18 @@ from keras import ops
 
 FORMAT = "keras-ema-state"
 VERSION = 1
+
+
+class StateFileNotFoundError(FileNotFoundError, ValueError):
+    """A state file to load, or the folder to save one in, does not exist.
+
+    Keras' `model.load_weights` and `model.save_weights` raise
+    `FileNotFoundError` there, as `open` does, so code that resumes a run
+    may catch that; every other bad state file is a `ValueError` naming the
+    file. This error is both (like `io.UnsupportedOperation`, an `OSError`
+    and a `ValueError`), so either `except` clause catches it. Its
+    `filename` is the path given.
+    """
 
 
 def save(path: str, state, hyperparameters: dict) -> None:
@@ -81,11 +94,19 @@ def _create_temporary_beside(path: str) -> tuple[int, str]:
             return os.open(temporary, flags, 0o666), temporary
         except FileExistsError:
             continue
+        except FileNotFoundError:
+            raise StateFileNotFoundError(
+                errno.ENOENT,
+                f"The folder {folder!r} does not exist, so the keras_ema state "
+                "file cannot be written",
+                os.fspath(path),
+            ) from None
     raise FileExistsError(f"No free temporary file name beside {path!r}.")
 
 
 def read(path: str) -> tuple[dict, list]:
-    """Reads and checks a state file; raises `ValueError` naming `path`."""
+    """Reads and checks a state file; raises `ValueError` naming `path`
+    (`StateFileNotFoundError`, also a `ValueError`, if there is none)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = set(archive.files)
@@ -98,6 +119,10 @@ def read(path: str) -> tuple[dict, list]:
             if names != expected:
                 raise ValueError(f"entries {sorted(names ^ expected)} do not fit")
             arrays = [archive[f"shadow_{i}"] for i in range(count)]
+    except FileNotFoundError:
+        raise StateFileNotFoundError(
+            errno.ENOENT, "The keras_ema state file does not exist", os.fspath(path)
+        ) from None
     except ValueError as error:
         message = f"{path!r} is not a valid keras_ema state file: {error}"
         raise ValueError(message) from None

@@ -164,3 +164,35 @@ def test_state_files_get_the_mode_the_umask_gives_like_the_weights_file(
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["ema.npz", "w.weights.h5", os.path.basename(sidecar_path(weights))]
     )
+
+
+def test_loading_a_missing_file_says_it_does_not_exist(tmp_path):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    path = str(tmp_path / "missing.npz")
+    before = ema_values(ema)
+    for error_type in (FileNotFoundError, ValueError):
+        with pytest.raises(error_type, match="does not exist") as raised:
+            ema.load_state(path)
+        assert raised.value.filename == path
+        assert "missing.npz" in str(raised.value)
+        assert "corrupt" not in str(raised.value)
+    assert_bit_equal(before, ema_values(ema))
+
+
+def test_saving_into_a_missing_folder_names_the_path_given(tmp_path):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    path = str(tmp_path / "no_such_folder" / "ema.npz")
+    for error_type in (FileNotFoundError, ValueError):
+        with pytest.raises(error_type) as raised:
+            ema.save_state(path)
+        assert raised.value.filename == path
+        assert str(raised.value).endswith(f"{path!r}")
+        assert f"{str(tmp_path / 'no_such_folder')!r} does not exist" in str(
+            raised.value
+        )
+        assert ".tmp" not in str(raised.value)
+    assert os.listdir(tmp_path) == []
