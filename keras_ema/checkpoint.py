@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 
 from keras_ema import _internals
@@ -37,10 +39,15 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
             `save_best_only`, `save_weights_only`, `save_freq`, ...).
     """
 
-    def __init__(self, ema: EMA, filepath: str, **kwargs) -> None:
+    def __init__(self, ema: EMA, filepath: str | os.PathLike, **kwargs) -> None:
         if not isinstance(ema, EMA):
             raise ValueError(
                 f"`ema` must be a `keras_ema.EMA` callback. Received: ema={ema!r}"
+            )
+        if not isinstance(filepath, (str, os.PathLike)):
+            raise ValueError(
+                "`filepath` must be a string or a path-like object. "
+                f"Received: filepath={filepath!r}"
             )
         super().__init__(filepath, **kwargs)
         self.ema = ema

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 
 import keras
@@ -196,3 +197,17 @@ def test_saving_into_a_missing_folder_names_the_path_given(tmp_path):
         )
         assert ".tmp" not in str(raised.value)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("filepath", [123, None, b"m.keras", ["m.keras"]])
+def test_ema_model_checkpoint_refuses_a_filepath_that_is_not_a_path(filepath):
+    ema = keras_ema.EMA(**HP)
+    expected = rf"`filepath` must be .*Received: filepath={re.escape(repr(filepath))}$"
+    with pytest.raises(ValueError, match=expected):
+        keras_ema.EMAModelCheckpoint(ema, filepath)
+
+
+def test_ema_model_checkpoint_takes_a_path_like_filepath(tmp_path):
+    ema = keras_ema.EMA(**HP)
+    checkpoint = keras_ema.EMAModelCheckpoint(ema, tmp_path / "m.keras")
+    assert checkpoint.filepath == str(tmp_path / "m.keras")
