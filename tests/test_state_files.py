@@ -211,3 +211,72 @@ def test_ema_model_checkpoint_takes_a_path_like_filepath(tmp_path):
     ema = keras_ema.EMA(**HP)
     checkpoint = keras_ema.EMAModelCheckpoint(ema, tmp_path / "m.keras")
     assert checkpoint.filepath == str(tmp_path / "m.keras")
+
+
+class RecordEpochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+def test_ema_model_checkpoint_accepts_its_ema_before_or_after_it(
+    tmp_path, checkpoint_first
+):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    checkpoint = keras_ema.EMAModelCheckpoint(ema, str(tmp_path / "m.keras"))
+    callbacks = [checkpoint, ema] if checkpoint_first else [ema, checkpoint]
+    x, y = make_data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=callbacks)
+    assert os.path.exists(tmp_path / "m.keras")
+
+
+def fit_without_the_ema(model, checkpoint):
+    """Fits one epoch with `checkpoint` but not its EMA; checks that the
+    error comes before any epoch and that nothing was trained or saved."""
+    x, y = make_data(16)
+    record = RecordEpochs()
+    weights = model.get_weights()
+    iterations = int(model.optimizer.iterations)
+    with pytest.raises(ValueError, match="`ema` must be a callback of the same"):
+        model.fit(
+            x, y, batch_size=8, epochs=1, verbose=0, callbacks=[checkpoint, record]
+        )
+    assert record.epochs == []
+    assert int(model.optimizer.iterations) == iterations
+    for a, b in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not os.path.exists(checkpoint.filepath)
+
+
+def test_ema_model_checkpoint_without_its_ema_fails_before_the_first_epoch(
+    tmp_path,
+):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    checkpoint = keras_ema.EMAModelCheckpoint(ema, str(tmp_path / "m.keras"))
+    fit_without_the_ema(model, checkpoint)
+
+
+def test_ema_model_checkpoint_refuses_an_ema_of_an_earlier_fit(tmp_path):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    x, y = make_data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    checkpoint = keras_ema.EMAModelCheckpoint(ema, str(tmp_path / "m.keras"))
+    fit_without_the_ema(model, checkpoint)
+    # The same checkpoint works once the EMA is in the fit again.
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[checkpoint, ema])
+    assert os.path.exists(tmp_path / "m.keras")
+
+
+def test_ema_model_checkpoint_refuses_an_ema_of_another_model(tmp_path):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(make_auto_named_model())
+    checkpoint = keras_ema.EMAModelCheckpoint(ema, str(tmp_path / "m.keras"))
+    fit_without_the_ema(model, checkpoint)
