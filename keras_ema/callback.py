@@ -254,18 +254,24 @@ class EMA(keras.callbacks.Callback):
 
         The file is a NumPy `.npz` archive with a JSON header (no pickle),
         written atomically: a crash mid-save leaves any previous file intact.
+        If `path`'s folder does not exist, a `FileNotFoundError` (also a
+        `ValueError`) names `path`.
         """
         self._write_state(path)
 
     def load_state(self, path: str) -> None:
         """Restores what `save_state` wrote, after checking all of it.
 
-        The file must describe the same floating-point weights (paths may
-        differ by a leading model name, as they do across
-        `keras.models.load_model`), with the same shapes and dtypes; otherwise
-        a `ValueError` names the variable and nothing changes. The callback
-        keeps its own hyperparameters: where the file's differ, a warning
-        names them.
+        The file must describe the same floating-point weights, in the same
+        order, with the same shapes and dtypes; otherwise a `ValueError`
+        names the variable and nothing changes. As with Keras' `.weights.h5`
+        files, a model built again from the same code fits: the paths may
+        differ in Keras' automatic numbering (`dense_4` vs `dense_6`) and by
+        a leading model name (as they do across `keras.models.load_model`).
+        The callback keeps its own hyperparameters: where the file's differ,
+        a warning names them. A file that does not exist raises a
+        `FileNotFoundError`, as Keras' `model.load_weights` does, which is
+        also a `ValueError`.
         """
         self._apply_state(*self._read_state(path))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 
 from keras_ema import _internals
@@ -31,19 +33,36 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     Args:
         ema: The `keras_ema.EMA` callback whose weights are saved. It must be
-            in the same `fit` call.
+            in the same `fit` call; otherwise `fit` raises a `ValueError`
+            before the first epoch.
         filepath: As for `ModelCheckpoint`.
         **kwargs: Any other `ModelCheckpoint` argument (`monitor`, `mode`,
             `save_best_only`, `save_weights_only`, `save_freq`, ...).
     """
 
-    def __init__(self, ema: EMA, filepath: str, **kwargs) -> None:
+    def __init__(self, ema: EMA, filepath: str | os.PathLike, **kwargs) -> None:
         if not isinstance(ema, EMA):
             raise ValueError(
                 f"`ema` must be a `keras_ema.EMA` callback. Received: ema={ema!r}"
             )
+        if not isinstance(filepath, (str, os.PathLike)):
+            raise ValueError(
+                "`filepath` must be a string or a path-like object. "
+                f"Received: filepath={filepath!r}"
+            )
         super().__init__(filepath, **kwargs)
         self.ema = ema
+
+    def on_train_begin(self, logs=None) -> None:
+        if self.ema.model is not self.model or not _internals.share_fit_params(
+            self.ema, self
+        ):
+            raise ValueError(
+                "`ema` must be a callback of the same `fit` call as this "
+                "`EMAModelCheckpoint`, e.g. `model.fit(..., callbacks=[ema, "
+                f"checkpoint])`. Received: ema={self.ema!r}"
+            )
+        super().on_train_begin(logs)
 
     def _save_model(self, epoch, batch, logs):
         with self.ema.swap_weights():

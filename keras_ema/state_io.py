@@ -15,9 +15,11 @@ the previous file intact.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import re
+import secrets
 
 import keras
 import numpy as np
@@ -25,6 +27,18 @@ from keras import ops
 
 FORMAT = "keras-ema-state"
 VERSION = 1
+
+
+class StateFileNotFoundError(FileNotFoundError, ValueError):
+    """A state file to load, or the folder to save one in, does not exist.
+
+    Keras' `model.load_weights` and `model.save_weights` raise
+    `FileNotFoundError` there, as `open` does, so code that resumes a run
+    may catch that; every other bad state file is a `ValueError` naming the
+    file. This error is both (like `io.UnsupportedOperation`, an `OSError`
+    and a `ValueError`), so either `except` clause catches it. Its
+    `filename` is the path given.
+    """
 
 
 def save(path: str, state, hyperparameters: dict) -> None:
@@ -44,8 +58,7 @@ def save(path: str, state, hyperparameters: dict) -> None:
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
     for index, shadow in enumerate(state.shadows):
         arrays[f"shadow_{index}"] = ops.convert_to_numpy(shadow.value)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    handle, temporary = _create_temporary_beside(path)
     try:
         with os.fdopen(handle, "wb") as file:
             np.savez(file, **arrays)
@@ -58,8 +71,42 @@ def save(path: str, state, hyperparameters: dict) -> None:
         raise
 
 
+def _create_temporary_beside(path: str) -> tuple[int, str]:
+    """Creates a new, empty file in `path`'s folder; returns its descriptor
+    and path.
+
+    `tempfile.mkstemp` would create it with mode `0o600` whatever the umask,
+    and `os.replace` keeps that mode. Created with `0o666` here, the file
+    gets `0o666 & ~umask`, as with `open(path, "w")` and as Keras' weights
+    file beside it does.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    flags = (
+        os.O_WRONLY
+        | os.O_CREAT
+        | os.O_EXCL
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_BINARY", 0)
+    )
+    for _ in range(100):
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            return os.open(temporary, flags, 0o666), temporary
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            raise StateFileNotFoundError(
+                errno.ENOENT,
+                f"The folder {folder!r} does not exist, so the keras_ema state "
+                "file cannot be written",
+                os.fspath(path),
+            ) from None
+    raise FileExistsError(f"No free temporary file name beside {path!r}.")
+
+
 def read(path: str) -> tuple[dict, list]:
-    """Reads and checks a state file; raises `ValueError` naming `path`."""
+    """Reads and checks a state file; raises `ValueError` naming `path`
+    (`StateFileNotFoundError`, also a `ValueError`, if there is none)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = set(archive.files)
@@ -72,6 +119,10 @@ def read(path: str) -> tuple[dict, list]:
             if names != expected:
                 raise ValueError(f"entries {sorted(names ^ expected)} do not fit")
             arrays = [archive[f"shadow_{i}"] for i in range(count)]
+    except FileNotFoundError:
+        raise StateFileNotFoundError(
+            errno.ENOENT, "The keras_ema state file does not exist", os.fspath(path)
+        ) from None
     except ValueError as error:
         message = f"{path!r} is not a valid keras_ema state file: {error}"
         raise ValueError(message) from None
@@ -95,12 +146,18 @@ def read(path: str) -> tuple[dict, list]:
 
 
 def match(header: dict, arrays: list, state, path: str) -> list:
-    """Pairs the file's shadows with the state's; raises on any mismatch."""
+    """Pairs the file's shadows with the state's; raises on any mismatch.
+
+    The pairing is by position, as Keras pairs the entries of a
+    `.weights.h5` file with a model's weights (by the model's structure, not
+    by layer names); each pair must have the same shape and dtype, and
+    paths that `_same_weight` accepts.
+    """
     saved = header["variables"]
     if len(saved) != len(state.paths):
-        saved_paths = {v["path"] for v in saved}
+        saved_paths = [v["path"] for v in saved]
         missing = [p for p in state.paths if not _matched(p, saved_paths)]
-        extra = [v["path"] for v in saved if not _matched(v["path"], state.paths)]
+        extra = [p for p in saved_paths if not _matched(p, state.paths)]
         raise ValueError(
             f"{path!r} holds {len(saved)} EMA variables but the model has "
             f"{len(state.paths)} floating-point weights. Missing from the file: "
@@ -126,15 +183,34 @@ def match(header: dict, arrays: list, state, path: str) -> list:
     return arrays
 
 
+# Keras makes names unique within a process by appending `_<n>` to the
+# default name (`dense`, `dense_1`, ...; `variable_3` for an unnamed weight).
+_AUTO_NUMBER = re.compile(r"_\d+$")
+
+
 def _same_weight(saved: str, current: str) -> bool:
-    """Paths lose or gain a leading model name across `load_model`
-    (`net/a/kernel` vs `a/kernel`): equal up to a prefix of whole segments."""
-    if saved == current:
-        return True
-    longer, shorter = (
-        (saved, current) if len(saved) > len(current) else (current, saved)
-    )
-    return longer.endswith("/" + shorter)
+    """Whether two variable paths name the same weight of one architecture.
+
+    Keras' `.weights.h5` files address weights by the model's structure:
+    attribute names and class names, never the layer names, which Keras
+    numbers anew for each model built in a process (`dense_4/kernel` in one
+    build is `dense_6/kernel` in the next). State files keep `variable.path`
+    instead, so two paths name the same weight when they are equal segment
+    by segment once that `_<n>` suffix is removed from every segment, and up
+    to leading segments: paths lose or gain a leading model name across
+    `keras.models.load_model` (`net/a/kernel` vs `a/kernel`). With the
+    positional pairing, the same count and the shape and dtype checks, this
+    accepts every rebuild of an architecture and still tells layers of
+    another type (`batch_normalization/gamma` vs `layer_normalization/gamma`)
+    or another variable (`moving_mean` vs `gamma`) apart.
+    """
+    saved_segments, current_segments = _segments(saved), _segments(current)
+    shorter, longer = sorted((saved_segments, current_segments), key=len)
+    return longer[len(longer) - len(shorter) :] == shorter
+
+
+def _segments(path: str) -> list[str]:
+    return [_AUTO_NUMBER.sub("", segment) for segment in path.split("/")]
 
 
 def _matched(path: str, others) -> bool:
