@@ -76,19 +76,6 @@ def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
     checkpoint._save_model(epoch=epoch, batch=batch, logs=logs)
 
 
-def share_fit_params(callback, other) -> bool:
-    """Whether two callbacks were given the `params` of one `fit` call.
-
-    `CallbackList.set_params` hands its one `params` dict to every callback,
-    after `set_model` and before any `on_train_begin`, and each `fit` builds
-    a new `CallbackList` and dict (keras/src/callbacks/callback_list.py). No
-    public attribute says which callbacks run in the same `fit`; an
-    `EMAModelCheckpoint` must know that its `EMA` does before the first
-    epoch, when the EMA's own `on_train_begin` may not have run yet.
-    """
-    return callback.params is other.params
-
-
 def keras_version() -> tuple[int, ...]:
     return tuple(int(p) for p in keras.__version__.split(".")[:3] if p.isdigit())
 

@@ -54,8 +54,11 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self.ema = ema
 
     def on_train_begin(self, logs=None) -> None:
-        if self.ema.model is not self.model or not _internals.share_fit_params(
-            self.ema, self
+        # Outside a `fit` that Keras runs (a hand-built CallbackList) the
+        # callbacks are unknown: then only the model is checked.
+        callbacks = _internals.fit_callbacks(self.model)
+        if self.ema.model is not self.model or (
+            callbacks and self.ema not in callbacks
         ):
             raise ValueError(
                 "`ema` must be a callback of the same `fit` call as this "

@@ -379,9 +379,7 @@ def test_nested_swaps_keep_the_ema_weights_until_the_outer_block_exits():
     xv, yv = make_data(32, seed=1)
     with ema.swap_weights():
         swapped = numpy_weights(model)
-        assert any(
-            not np.array_equal(swapped[path], online[path]) for path in online
-        )
+        assert any(not np.array_equal(swapped[path], online[path]) for path in online)
         with ema.swap_weights():
             assert_bit_equal(swapped, numpy_weights(model))
         assert_bit_equal(swapped, numpy_weights(model))
@@ -396,9 +394,8 @@ def test_nested_swap_exception_unwinds_to_the_online_weights():
     ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
     fit_with_validation(model, ema, epochs=1)
     online = numpy_weights(model)
-    with pytest.raises(RuntimeError), ema.swap_weights():
-        with ema.swap_weights():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ema.swap_weights(), ema.swap_weights():
+        raise RuntimeError("boom")
     assert_bit_equal(online, numpy_weights(model))
 
 

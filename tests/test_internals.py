@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 
 import keras
-import numpy as np
 import pytest
 from conftest import BACKEND
 from conftest import make_data
@@ -96,20 +95,3 @@ def test_running_fit_exposes_the_callbacks_and_whether_fit_validates():
     assert seen["validates"] is True
     assert _internals.fit_callbacks(model) == []
     assert _internals.fit_validates(model) is None
-
-
-def test_fit_gives_its_callbacks_one_params_dict_and_a_new_one_each_call():
-    seen = []
-
-    class Record(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            seen.append(self.params)
-
-    model = make_model()
-    first, second = Record(), Record()
-    x, y = np.zeros((4, 6), "float32"), np.zeros((4, 1), "float32")
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[first, second])
-    assert _internals.share_fit_params(first, second)
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[first])
-    assert not _internals.share_fit_params(first, second)
-    assert seen[0] is seen[1] and seen[2] is not seen[0]
