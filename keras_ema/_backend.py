@@ -1057,6 +1057,40 @@ def _segment(flat, state, mask) -> tuple[int, int]:
     return start, start + sum(sizes[i] for i in chosen)
 
 
+def start_when_built(model, start):
+    """Calls `start()` once `model` is built, before its first train step.
+
+    TensorFlow defers building a model that was never called to the first
+    trace of its train function, which comes after `on_train_begin`. The
+    train function is wrapped for its first call: the model (and its
+    optimizer) is built symbolically from the data's element spec, as Keras
+    does under a `tf.distribute` strategy, then `start()` installs the EMA,
+    which then runs the step. Returns the function that undoes the wrapping
+    if no step ran. Other backends build the model before `on_train_begin`.
+    """
+    if BACKEND != "tensorflow":
+        raise ValueError(
+            "The EMA needs a built model with floating-point weights. "
+            f"Model {model.name!r} has none; build it (call it on data or "
+            "`model.build(input_shape)`) before using the callback."
+        )
+    keras_train_function = model.train_function
+
+    def train_function(iterator):
+        model.train_function = keras_train_function
+        _internals.build_from_element_spec(model, iterator.element_spec)
+        start()
+        return model.train_function(iterator)
+
+    model.train_function = train_function
+
+    def undo() -> None:
+        if model.train_function is train_function:
+            model.train_function = keras_train_function
+
+    return undo
+
+
 def fused_training(state) -> _FusedTraining:
     if state.offload:
         return host_training(state)

@@ -76,6 +76,19 @@ def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
     checkpoint._save_model(epoch=epoch, batch=batch, logs=logs)
 
 
+def build_from_element_spec(model, element_spec) -> None:
+    """Builds the model, its compiled metrics and loss, and its optimizer,
+    from the spec of the data (`Trainer._symbolic_build`).
+
+    Keras' TensorFlow trainer builds an unbuilt model only inside the first
+    trace of its train function (outside a `tf.distribute` strategy), where
+    the EMA cannot create its shadows before the step that uses them. Keras
+    itself calls `_symbolic_build` under a strategy; no public method builds
+    all of this from data.
+    """
+    model._symbolic_build(data_batch=element_spec)
+
+
 def keras_version() -> tuple[int, ...]:
     return tuple(int(p) for p in keras.__version__.split(".")[:3] if p.isdigit())
 

@@ -148,6 +148,7 @@ class EMA(keras.callbacks.Callback):
         # The online values that a swap took out of the model, as
         # `(variable, value)` pairs, until they are put back.
         self._online_backup = None
+        self._undo_deferral = None
         # Open `swap_weights()` blocks, and whether an `evaluate`/`predict`
         # of this callback swapped the EMA weights in.
         self._swap_depth = 0
@@ -353,22 +354,32 @@ class EMA(keras.callbacks.Callback):
             self._create_state()
 
     def on_train_begin(self, logs=None) -> None:
-        state = self._require_state()
-        state.check_model_unchanged()
-        # A distribution may be set after the EMA was created.
-        _backend.check_placement(state.weights)
         self._require_online_weights("fit")
-        if self._training is None:
-            self._training = _backend.fused_training(state)
-        self._training.install()
+        if self._state is None and not self.model.built:
+            # TensorFlow builds a model that was never called in its first
+            # train step, after `on_train_begin`.
+            self._undo_deferral = _backend.start_when_built(
+                self.model, self._start_training
+            )
+        else:
+            self._start_training()
         self._unwrap_evaluate = _internals.wrap_evaluate(
             self.model, self._evaluate_online_and_ema
         )
         self._in_fit = True
         self._warn_about_mistakes()
 
+    def _start_training(self) -> None:
+        state = self._require_state()
+        state.check_model_unchanged()
+        # A distribution may be set after the EMA was created.
+        _backend.check_placement(state.weights)
+        if self._training is None:
+            self._training = _backend.fused_training(state)
+        self._training.install()
+
     def on_epoch_begin(self, epoch, logs=None) -> None:
-        if self._in_fit:
+        if self._in_fit and self._training is not None:
             self._training.start_epoch()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
@@ -431,6 +442,9 @@ class EMA(keras.callbacks.Callback):
     def _finish_training(self) -> None:
         """Takes the EMA out of the model's training (idempotent)."""
         self._in_fit = False
+        if self._undo_deferral is not None:
+            self._undo_deferral()
+            self._undo_deferral = None
         if self._unwrap_evaluate is not None:
             self._unwrap_evaluate()
             self._unwrap_evaluate = None

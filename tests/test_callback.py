@@ -8,9 +8,13 @@ import keras
 import numpy as np
 import pytest
 from conftest import assert_bit_equal
+from conftest import assert_close
+from conftest import ema_values
+from conftest import float_weights
 from conftest import make_data
 from conftest import make_model
 from conftest import numpy_weights
+from oracle import ArticleEMA
 
 import keras_ema
 
@@ -423,3 +427,26 @@ def test_what_needs_online_weights_is_refused_inside_a_swap(action):
         assert_bit_equal(swapped, numpy_weights(model))
     assert_bit_equal(online, numpy_weights(model))
     assert ema.step == step
+
+
+def test_a_model_that_fit_builds_is_averaged_from_its_first_step():
+    # Keras' own SwapEMAWeights tests build the model this way; TensorFlow
+    # builds it only inside the first train step.
+    model = keras.Sequential([keras.layers.Dense(2, name="d")], name="lazy")
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    ema = keras_ema.EMA(beta=0.9, update_after_step=1, update_every=1)
+    replay = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            replay.append(float_weights(self.model))
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = rng.normal(size=(32, 2)).astype("float32")
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[ema, Record()])
+    oracle = ArticleEMA(replay[0], beta=0.9, update_after_step=1, update_every=1)
+    for weights in replay:
+        oracle.update(weights)
+    assert ema.step == oracle.step == 8
+    assert_close(oracle.ema, ema_values(ema))
