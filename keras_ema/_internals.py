@@ -8,6 +8,7 @@ Keras.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 
@@ -57,6 +58,51 @@ def jax_train_out_shardings(model):
     if distribution_lib.distribution() is None:
         return None
     return (None, model._get_state_sharding_spec())
+
+
+@contextlib.contextmanager
+def train_step_replaced(model, train_step):
+    """`model.train_step` replaced by `train_step` for the duration.
+
+    Keras' TensorFlow `make_train_function` traces `self.train_step`; an
+    instance attribute is the only way to have it trace the EMA's update
+    into the same `tf.function` (and into every inner step with
+    `steps_per_execution > 1`) while keeping Keras' own loop and
+    distribution handling.
+    """
+    model.train_step = train_step
+    try:
+        yield
+    finally:
+        del model.train_step
+
+
+def jax_state_weights(model, weights) -> Callable:
+    """Maps `weights` to their values in Keras' JAX train state.
+
+    Keras' JAX `train_step(state, data)` takes and returns the state tuple
+    `(trainable_variables, non_trainable_variables, optimizer_variables,
+    metrics_variables)`, each in the order of the model's (optimizer's)
+    variable lists (`JAXTrainer.make_train_function`); the EMA reads the
+    weights a step has just computed from there.
+    """
+    slots = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+    slots.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
+    positions = [slots[id(w)] for w in weights]
+
+    def locate(keras_state):
+        return [keras_state[group][index] for group, index in positions]
+
+    return locate
+
+
+def jax_state_optimizer_variable(model, variable) -> Callable:
+    """Maps one optimizer variable to its value in Keras' JAX train state
+    (slot 2 of the tuple described in `jax_state_weights`)."""
+    for index, candidate in enumerate(model.optimizer.variables):
+        if candidate is variable:
+            return lambda keras_state: keras_state[2][index]
+    raise ValueError(f"Variable {variable.path!r} is not among the optimizer's.")
 
 
 def raw_iterations(optimizer):
@@ -133,3 +179,17 @@ def fit_validates(model) -> bool | None:
     if not names:
         return None
     return names.get("validation_data") is not None
+
+
+def torch_variable_storage(variable, tensor) -> None:
+    """Makes a torch-backend `keras.Variable` hold `tensor` (a view into a
+    flat buffer) as its value.
+
+    Keras' torch `Variable` keeps its tensor in `_value`, a
+    `torch.nn.Parameter`; `assign` copies into it. Only by making each
+    shadow a view of one flat buffer can the update blend all of them with
+    a few whole-buffer ops.
+    """
+    import torch
+
+    variable._value = torch.nn.Parameter(tensor, requires_grad=False)

@@ -10,13 +10,16 @@ from collections.abc import Iterator
 import keras
 from keras import ops
 
-from keras_ema import _backend
 from keras_ema import _internals
+from keras_ema import advice
+from keras_ema import backends
 from keras_ema import backup
 from keras_ema import state_io
 from keras_ema.schedule import WarmupSchedule
-from keras_ema.shadow import ShadowState
-from keras_ema.shadow import check_names
+from keras_ema.state import Filters
+from keras_ema.state import ShadowState
+from keras_ema.state import check_names
+from keras_ema.swaps import Swaps
 
 # Options that change no shadow value: a state file saved with others loads
 # without a warning.
@@ -143,16 +146,9 @@ class EMA(keras.callbacks.Callback):
             )
         self.validate = validate
         self._state = None
-        self._training = None
-        self._updater = None
-        # The online values that a swap took out of the model, as
-        # `(variable, value)` pairs, until they are put back.
-        self._online_backup = None
+        self._engine = None
+        self._swaps = Swaps()
         self._undo_deferral = None
-        # Open `swap_weights()` blocks, and whether an `evaluate`/`predict`
-        # of this callback swapped the EMA weights in.
-        self._swap_depth = 0
-        self._hook_swapped = False
         self._in_fit = False
         self._unwrap_evaluate = None
         self._warned_skipped = 0
@@ -163,24 +159,20 @@ class EMA(keras.callbacks.Callback):
     @property
     def step(self) -> int:
         """The update counter of the article's `EMA` class."""
-        state = self._require_state()
-        state.live.sync_to_variables()
+        state = self._flushed_state()
         return int(ops.convert_to_numpy(state.step))
 
     @property
     def skipped_updates(self) -> int:
         """How many updates were skipped because a weight was NaN or Inf."""
-        state = self._require_state()
-        state.live.sync_to_variables()
+        state = self._flushed_state()
         return int(ops.convert_to_numpy(state.skipped))
 
     @property
     def variables(self) -> list:
         """The shadow `keras.Variable`s, one per tracked weight, in
         `model.weights` order."""
-        state = self._require_state()
-        state.live.sync_to_variables()
-        return list(state.shadows)
+        return list(self._flushed_state().shadows)
 
     @property
     def tracked_paths(self) -> list[str]:
@@ -196,9 +188,7 @@ class EMA(keras.callbacks.Callback):
         state = self._require_state()
         self._require_online_weights("update()")
         state.check_model_unchanged()
-        if self._updater is None:
-            self._updater = _backend.EagerUpdater(state)
-        self._updater()
+        self._engine.update()
 
     def get_weights(self) -> list:
         """NumPy arrays aligned with `model.get_weights()`.
@@ -207,8 +197,7 @@ class EMA(keras.callbacks.Callback):
         the model's own value elsewhere, so that
         `other_model.set_weights(ema.get_weights())` works.
         """
-        state = self._require_state()
-        state.live.sync_to_variables()
+        state = self._flushed_state()
         shadows = {id(w): s for w, s in zip(state.weights, state.shadows, strict=True)}
         result = []
         for weight in self.model.weights:
@@ -231,24 +220,16 @@ class EMA(keras.callbacks.Callback):
         Inside a block, what needs the online weights (`fit`, `update()`,
         `copy_to_model()`) raises a `ValueError`.
         """
-        if self._swap_depth == 0:
-            self._swap_in()
-        self._swap_depth += 1
-        try:
+        with self._swaps.block(self.model, self._swap_in):
             yield self.model
-        finally:
-            self._swap_depth -= 1
-            if self._swap_depth == 0:
-                self._restore_online_weights()
 
     def copy_to_model(self) -> None:
         """Writes the EMA weights into the model for good (e.g. before
         `model.save`). The online weights are overwritten."""
-        state = self._require_state()
         self._require_online_weights("copy_to_model()")
-        state.live.sync_to_variables()
+        state = self._flushed_state()
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
-            weight.assign(_backend.copy_for_weight(shadow.value, weight))
+            weight.assign(backends.copy_for_weight(shadow.value, weight))
 
     def save_state(self, path: str) -> None:
         """Writes the counters, hyperparameters and shadows to `path`.
@@ -276,49 +257,6 @@ class EMA(keras.callbacks.Callback):
         """
         self._apply_state(*self._read_state(path))
 
-    def _write_state(self, path) -> None:
-        # The model may hold the EMA weights: a checkpoint may be written
-        # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
-        state_io.save(path, self._require_state(), self.get_config())
-
-    def _read_state(self, path) -> tuple:
-        """Reads and checks a state file against the model; changes nothing."""
-        state = self._require_state()
-        header, arrays = state_io.read(path)
-        arrays = state_io.match(header, arrays, state, path)
-        return header, arrays, path
-
-    def _apply_state(self, header: dict, arrays: list, path) -> None:
-        state = self._require_state()
-        self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
-        self._repair_interrupted_swap()
-        for shadow, array in zip(state.shadows, arrays, strict=True):
-            shadow.assign(array)
-        state.step.assign(header["step"])
-        state.initialized.assign(min(header["initialized"], 1))
-        state.skipped.assign(header["skipped"])
-        state.live.invalidate()
-
-    def _follow_loaded_weights(self) -> None:
-        """After `model.load_weights` without an EMA file: an EMA that has not
-        updated yet is a copy of the weights, so it takes the loaded ones."""
-        if self._state is not None and self.step == 0:
-            self._repair_interrupted_swap()
-            self._state.copy_weights_into_shadows()
-
-    def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
-        differing = {
-            name: {"file": saved.get(name), "callback": value}
-            for name, value in self.get_config().items()
-            if saved.get(name) != value and name not in _PLACEMENT_OPTIONS
-        }
-        if differing:
-            warnings.warn(
-                f"The EMA state in {path!r} was saved with other hyperparameters; "
-                f"the callback keeps its own. Differences: {differing}",
-                stacklevel=3,
-            )
-
     def get_config(self) -> dict:
         return {
             **self.schedule.get_config(),
@@ -334,13 +272,63 @@ class EMA(keras.callbacks.Callback):
         return cls(**config)
 
     # ------------------------------------------------------------------
+    # State files (also through `model.save_weights`/`load_weights`)
+
+    def _write_state(self, path) -> None:
+        # The model may hold the EMA weights: a checkpoint may be written
+        # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
+        state_io.save(path, self._flushed_state(), self.get_config())
+
+    def _read_state(self, path) -> tuple:
+        """Reads and checks a state file against the model; changes nothing."""
+        state = self._require_state()
+        header, arrays = state_io.read(path)
+        arrays = state_io.match(header, arrays, state, path)
+        return header, arrays, path
+
+    def _apply_state(self, header: dict, arrays: list, path) -> None:
+        state = self._require_state()
+        self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
+        self._swaps.repair(self.model)
+        for shadow, array in zip(state.shadows, arrays, strict=True):
+            shadow.assign(array)
+        state.step.assign(header["step"])
+        state.skipped.assign(header["skipped"])
+        self._engine.reload()
+
+    def _follow_loaded_weights(self) -> None:
+        """After `model.load_weights` without an EMA file: an EMA that has not
+        updated yet is a copy of the weights, so it takes the loaded ones."""
+        if self._state is None or self.step != 0:
+            return
+        self._swaps.repair(self.model)
+        state = self._state
+        for profile in state.profiles:
+            for shadow, weight in zip(profile.shadows, state.weights, strict=True):
+                shadow.assign(backends.fresh_copy(weight.value, shadow.dtype))
+        self._engine.reload()
+
+    def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
+        differing = {
+            name: {"file": saved.get(name), "callback": value}
+            for name, value in self.get_config().items()
+            if saved.get(name) != value and name not in _PLACEMENT_OPTIONS
+        }
+        if differing:
+            warnings.warn(
+                f"The EMA state in {path!r} was saved with other hyperparameters; "
+                f"the callback keeps its own. Differences: {differing}",
+                stacklevel=3,
+            )
+
+    # ------------------------------------------------------------------
     # Keras hooks
 
     def set_model(self, model) -> None:
         # Inside `swap_weights()` an `evaluate(callbacks=[ema])` sets the
         # model again: the swapped-in EMA weights must stay.
-        if self._swap_depth == 0:
-            self._repair_interrupted_swap()
+        if not self._swaps.in_block and self._state is not None:
+            self._swaps.repair(self._state.model)
         if self._state is not None and self._state.model is not model:
             raise ValueError(
                 "This `EMA` callback already tracks model "
@@ -358,7 +346,7 @@ class EMA(keras.callbacks.Callback):
         if self._state is None and not self.model.built:
             # TensorFlow builds a model that was never called in its first
             # train step, after `on_train_begin`.
-            self._undo_deferral = _backend.start_when_built(
+            self._undo_deferral = backends.start_when_built(
                 self.model, self._start_training
             )
         else:
@@ -367,20 +355,11 @@ class EMA(keras.callbacks.Callback):
             self.model, self._evaluate_online_and_ema
         )
         self._in_fit = True
-        self._warn_about_mistakes()
-
-    def _start_training(self) -> None:
-        state = self._require_state()
-        state.check_model_unchanged()
-        # A distribution may be set after the EMA was created.
-        _backend.check_placement(state.weights)
-        if self._training is None:
-            self._training = _backend.fused_training(state)
-        self._training.install()
+        advice.warn_about_setup(self, self.model)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
-        if self._in_fit and self._training is not None:
-            self._training.start_epoch()
+        if self._in_fit and self._state is not None:
+            self._engine.start_epoch()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         if logs is not None and "ema_skipped" in logs and self._state.offload:
@@ -399,20 +378,21 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None) -> None:
         self._finish_training()
-        self._warn_if_never_averaged()
+        if self._state is not None:
+            advice.warn_if_never_averaged(self.step, self._state.schedules)
 
     def on_test_begin(self, logs=None) -> None:
         if not self._in_fit:
-            self._swap_in_for_hooks()
+            self._swaps.hook_begin(self._swap_in)
 
     def on_test_end(self, logs=None) -> None:
-        self._swap_out_for_hooks()
+        self._swaps.hook_end(self.model)
 
     def on_predict_begin(self, logs=None) -> None:
-        self._swap_in_for_hooks()
+        self._swaps.hook_begin(self._swap_in)
 
     def on_predict_end(self, logs=None) -> None:
-        self._swap_out_for_hooks()
+        self._swaps.hook_end(self.model)
 
     # ------------------------------------------------------------------
     # Internals
@@ -420,17 +400,20 @@ class EMA(keras.callbacks.Callback):
     def _create_state(self) -> None:
         self._state = ShadowState(
             self.model,
-            self.schedule,
-            no_ema=self.param_or_buffer_names_no_ema,
-            ignore=self.ignore_names,
-            ignore_prefixes=self.ignore_startswith_names,
-            offload=self.offload_to_host,
+            [("", self.schedule)],
+            Filters(
+                self.param_or_buffer_names_no_ema,
+                self.ignore_names,
+                self.ignore_startswith_names,
+            ),
+            self.offload_to_host,
+            backends.make_placement(self.offload_to_host),
         )
+        self._engine = backends.make_engine(self._state)
 
     def _require_state(self) -> ShadowState:
         if self._state is None:
-            model = getattr(self, "_model", None)
-            if model is None:
+            if getattr(self, "_model", None) is None:
                 raise ValueError(
                     "This `EMA` callback has no model yet. Pass it to "
                     "`model.fit(..., callbacks=[ema])` or call "
@@ -438,6 +421,19 @@ class EMA(keras.callbacks.Callback):
                 )
             self._create_state()
         return self._state
+
+    def _flushed_state(self) -> ShadowState:
+        """The state, its variables made current."""
+        state = self._require_state()
+        self._engine.flush()
+        return state
+
+    def _start_training(self) -> None:
+        state = self._require_state()
+        state.check_model_unchanged()
+        # A distribution may be set after the EMA was created.
+        state.placement.check(state.model, state.weights)
+        self._engine.install()
 
     def _finish_training(self) -> None:
         """Takes the EMA out of the model's training (idempotent)."""
@@ -448,10 +444,10 @@ class EMA(keras.callbacks.Callback):
         if self._unwrap_evaluate is not None:
             self._unwrap_evaluate()
             self._unwrap_evaluate = None
-        if self._training is not None:
+        if self._engine is not None:
             # Kept (not dropped) so that the next `fit` reuses its compiled
             # train function.
-            self._training.uninstall()
+            self._engine.uninstall()
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
         """`fit`'s validation: online metrics, then the same with EMA weights
@@ -460,8 +456,7 @@ class EMA(keras.callbacks.Callback):
             return keras_evaluate(*args, **kwargs)
         if self.validate == "ema":
             with self.swap_weights():
-                logs = keras_evaluate(*args, **kwargs)
-            return _prefixed_ema(logs)
+                return _prefixed_ema(keras_evaluate(*args, **kwargs))
         logs = keras_evaluate(*args, **kwargs)
         ema_kwargs = dict(kwargs, callbacks=None, verbose=0)
         with self.swap_weights():
@@ -470,105 +465,24 @@ class EMA(keras.callbacks.Callback):
             logs = {**logs, **_prefixed_ema(ema_logs)}
         return logs
 
-    def _warn_about_mistakes(self) -> None:
-        """Warnings, at the start of `fit`, about setups that do not do what
-        their author most likely expects."""
-        optimizer = getattr(self.model, "optimizer", None)
-        inner = getattr(optimizer, "inner_optimizer", optimizer)
-        if getattr(inner, "use_ema", False):
-            warnings.warn(
-                "The optimizer was created with `use_ema=True`: Keras' own EMA "
-                "writes its average into the model at the end of `fit`, so the "
-                "model will not hold its online weights afterwards, and the "
-                "two EMAs average each other's effects. Create the optimizer "
-                "with `use_ema=False` when using `keras_ema.EMA`.",
-                stacklevel=3,
-            )
-        monitored = [
-            (callback, callback.monitor)
-            for callback in _internals.fit_callbacks(self.model)
-            if callback is not self
-            and isinstance(getattr(callback, "monitor", None), str)
-            and callback.monitor.startswith("val_ema_")
-        ]
-        for callback, key in monitored:
-            if isinstance(callback, keras.callbacks.ModelCheckpoint) and not hasattr(
-                callback, "ema"
-            ):
-                warnings.warn(
-                    f"A `ModelCheckpoint` monitors `{key}` but saves the model "
-                    "with its online weights. To save the EMA weights, use "
-                    "`keras_ema.EMAModelCheckpoint(ema, filepath, ...)`.",
-                    stacklevel=3,
-                )
-        if monitored and _internals.fit_validates(self.model) is False:
-            warnings.warn(
-                f"`{monitored[0][1]}` is monitored by "
-                f"`{type(monitored[0][0]).__name__}`, but this `fit` runs no "
-                "validation, so no `val_ema_*` key will be logged. "
-                "`val_ema_*` needs `validation_data` (or `validation_split`).",
-                stacklevel=3,
-            )
-
-    def _warn_if_never_averaged(self) -> None:
-        if self._state is None:
-            return
-        schedule = self.schedule
-        if self.step >= schedule.first_averaging_step():
-            return
-        warnings.warn(
-            f"After {self.step} optimizer steps the EMA has not averaged yet: "
-            "it is still a copy of the weights. The first update that averages "
-            f"comes after step {schedule.first_averaging_step() - 1} with "
-            f"`update_after_step={getattr(schedule, 'update_after_step', 0)}` "
-            f"and `update_every={schedule.update_every}`; lower "
-            "`update_after_step` or train longer.",
-            stacklevel=3,
-        )
-
-    def _swap_in_for_hooks(self) -> None:
-        """`evaluate`/`predict` with this callback: EMA weights, unless a
-        `swap_weights()` block has them in the model already."""
-        if self._swap_depth == 0:
-            self._swap_in()
-            self._hook_swapped = True
-
-    def _swap_out_for_hooks(self) -> None:
-        if self._hook_swapped:
-            self._hook_swapped = False
-            self._restore_online_weights()
-
     def _swap_in(self) -> None:
         state = self._require_state()
-        self._repair_interrupted_swap()
+        self._swaps.repair(self.model)
         state.check_model_unchanged()
-        state.live.sync_to_variables()
-        # Saved before the first assignment, so that an interruption
-        # anywhere from here on is repaired.
-        self._online_backup = _backend.online_backup(self.model, state.weights)
-        for weight, shadow in zip(state.weights, state.shadows, strict=True):
-            weight.assign(_backend.copy_for_weight(shadow.value, weight))
+        self._engine.flush()
+        self._swaps.swap_in(
+            self.model, state.weights, [shadow.value for shadow in state.shadows]
+        )
 
     def _require_online_weights(self, action: str) -> None:
-        if self._swap_depth:
+        if self._swaps.in_block:
             raise ValueError(
                 f"`{action}` needs the online weights in the model, but it was "
                 "called inside `ema.swap_weights()`, which holds the EMA "
                 "weights there. Call it after the block."
             )
-        self._repair_interrupted_swap()
-
-    def _repair_interrupted_swap(self) -> None:
-        """Puts back what a swap took out, where an interrupted `evaluate`
-        or `predict` (whose end hook never ran) left it out."""
-        self._hook_swapped = False
-        self._restore_online_weights()
-
-    def _restore_online_weights(self) -> None:
-        backup, self._online_backup = self._online_backup, None
-        if backup is None:
-            return
-        _backend.restore_backup(self.model, backup)
+        if self._state is not None:
+            self._swaps.repair(self.model)
 
 
 def _prefixed_ema(logs):

@@ -1,9 +1,9 @@
 """EMA state files: a NumPy `.npz` archive with a JSON header, no pickle.
 
-Layout (format version 1):
+Layout (format version 2):
 
 - `header`: a uint8 array holding UTF-8 JSON: `{"format": "keras-ema-state",
-  "version": 1, "step", "initialized", "skipped", "hyperparameters",
+  "version": 2, "step", "skipped", "hyperparameters",
   "variables": [{"path", "shape", "dtype"}, ...]}`.
 - `shadow_0`, `shadow_1`, ...: the shadows, in `variables` order.
 
@@ -26,7 +26,10 @@ import numpy as np
 from keras import ops
 
 FORMAT = "keras-ema-state"
-VERSION = 1
+VERSION = 2
+# Version 1 also held the article's `initted` flag, which the step counter
+# determines; it is read and ignored.
+READABLE_VERSIONS = (1, 2)
 
 
 class StateFileNotFoundError(FileNotFoundError, ValueError):
@@ -42,12 +45,11 @@ class StateFileNotFoundError(FileNotFoundError, ValueError):
 
 
 def save(path: str, state, hyperparameters: dict) -> None:
-    state.live.sync_to_variables()
+    """Writes `state` (its variables current) to `path`, atomically."""
     header = {
         "format": FORMAT,
         "version": VERSION,
         "step": _scalar(state.step),
-        "initialized": _scalar(state.initialized),
         "skipped": _scalar(state.skipped),
         "hyperparameters": hyperparameters,
         "variables": [
@@ -220,9 +222,10 @@ def _matched(path: str, others) -> bool:
 def _check_header(header) -> None:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("its header does not name the keras-ema-state format")
-    if header.get("version") != VERSION:
-        raise ValueError(f"unsupported version {header.get('version')!r}")
-    for key in ("step", "initialized", "skipped"):
+    version = header.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"unsupported version {version!r}")
+    for key in ("step", "skipped") + (("initialized",) if version == 1 else ()):
         value = header.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"`{key}` must be an integer >= 0, got {value!r}")

@@ -10,8 +10,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
-from keras_ema.shadow import CHUNK
-from keras_ema.shadow import _all_finite
+from keras_ema.sizes import GROUP_ELEMENTS as CHUNK
+from keras_ema.update import all_finite as _all_finite
 
 # Shapes that reach every path of the guard: 1-D and narrow values, grouped
 # small ones, and values over `CHUNK` elements checked alone (matrix-vector).

@@ -1,0 +1,485 @@
+"""The EMA on JAX.
+
+Keras' JAX train step is a pure function of an explicit state that its loop
+donates. `Engine` installs a train function that runs one `jax.jit` of
+(Keras' `train_step`, then the update of every profile) on Keras' state and
+the EMA's own arrays, both donated, so that no shadow ever aliases a model
+buffer and nothing is synced per step. `HostEngine` keeps the shadows in
+host memory: Keras' own jitted step runs, and on due steps the weights are
+copied to the CPU, where a jitted update runs; both are dispatched
+asynchronously.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_ema import _internals
+from keras_ema import update
+from keras_ema.backends import base
+from keras_ema.host_counters import HostCounters
+from keras_ema.host_counters import OptimizerSteps
+from keras_ema.host_counters import optimizer_may_skip
+from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.packing import Packing
+
+# --------------------------------------------------------------------------
+# Buffers and layouts
+
+
+def fresh_copy(value, dtype):
+    """A copy of `value` cast to `dtype` that shares no buffer with it."""
+    return jnp.array(value, dtype=dtype, copy=True)
+
+
+def copy_for_weight(value, weight):
+    """A fresh copy of a shadow value, cast to `weight`'s dtype and placed
+    like it (host shadows go back to the accelerator on a swap)."""
+    copy = fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
+    sharding = getattr(weight.value, "sharding", None)
+    if sharding is not None and not copy.sharding.is_equivalent_to(sharding, copy.ndim):
+        copy = jax.device_put(copy, sharding)
+    return copy
+
+
+def online_backup(model, tracked) -> list:
+    """What a swap must be able to put back, as `(variable, value)` pairs.
+
+    The tracked weights' own arrays (never changed in place), and a copy of
+    every other model variable: Keras' JAX `evaluate` and `predict` take all
+    of them out of the model while they run and donate their arrays, so an
+    interrupted one leaves them without a value (a Dropout layer's seed
+    state, integer weights).
+    """
+    ids = {id(weight) for weight in tracked}
+    pairs = [(weight, weight.value) for weight in tracked]
+    pairs += [
+        (variable, fresh_copy(variable.value, variable.value.dtype))
+        for variable in model.variables
+        if id(variable) not in ids and variable.value is not None
+    ]
+    return pairs
+
+
+def restore_backup(model, backup) -> None:
+    """Puts `online_backup`'s values back, bit for bit.
+
+    Keras' state of an interrupted `evaluate`/`predict` is synced into the
+    model first (the public `jax_state_sync`): left pending, it would
+    overwrite the restored values at the next read of `callback.model`.
+    """
+    model.jax_state_sync()
+    for variable, value in backup:
+        variable.assign(value)
+
+
+def as_stored(values, dtypes) -> list:
+    """`values` with each one narrower than its shadow's dtype read as stored.
+
+    Inside one XLA computation, a bfloat16 or float16 weight that the
+    optimizer has just computed in float32 and that the EMA casts back to
+    float32 may skip its rounding (XLA allows excess precision), so the EMA
+    would average values the model never held. An optimization barrier
+    makes the update read the stored weight.
+    """
+    narrow = [
+        i
+        for i, (value, dtype) in enumerate(zip(values, dtypes, strict=True))
+        if keras.backend.standardize_dtype(value.dtype) != dtype
+    ]
+    if not narrow:
+        return list(values)
+    values = list(values)
+    stored = jax.lax.optimization_barrier([values[i] for i in narrow])
+    for i, value in zip(narrow, stored, strict=True):
+        values[i] = value
+    return values
+
+
+def _spans_devices(sharding) -> bool:
+    return sharding is not None and len(sharding.device_set) > 1
+
+
+class Placement(base.Placement):
+    """Each shadow on its weight's devices, with its weight's sharding; the
+    counters replicated over the weights' mesh.
+
+    A layout passed to `keras.Variable` overrides the distribution's default
+    (replicated, or the `LayoutMap` entry that matches the shadow's own
+    path), so a sharded weight's shadow is never gathered, even briefly. The
+    counters and the shadows enter one jitted update, which JAX refuses when
+    its arguments are committed to different devices.
+    """
+
+    def initial_value(self, weight, dtype):
+        return fresh_copy(weight.value, dtype)
+
+    def shadow_layout(self, weight):
+        return weight.value.sharding
+
+    def counter_layout(self, weights):
+        for weight in weights:
+            sharding = weight.value.sharding
+            if _spans_devices(sharding) and hasattr(sharding, "mesh"):
+                return jax.sharding.NamedSharding(
+                    sharding.mesh, jax.sharding.PartitionSpec()
+                )
+        return weights[0].value.sharding
+
+
+class HostPlacement(base.Placement):
+    """Shadows and counters in host memory, each with a CPU sharding as its
+    layout, so that every `assign` (from a state file too) lands there."""
+
+    def __init__(self):
+        self.cpu = jax.devices("cpu")[0]
+
+    def initial_value(self, weight, dtype):
+        # `may_alias=False`: a CPU weight is copied too, and the cast runs on
+        # the host, so no full-size copy is made on the device.
+        host = jax.device_put(weight.value, self.cpu, may_alias=False)
+        return host.astype(dtype)
+
+    def shadow_layout(self, weight):
+        return jax.sharding.SingleDeviceSharding(self.cpu)
+
+    def counter_layout(self, weights):
+        return jax.sharding.SingleDeviceSharding(self.cpu)
+
+
+# --------------------------------------------------------------------------
+# Shadows on the device
+
+
+def _committed_copy(array):
+    """A copy of a JAX array committed to the array's own devices.
+
+    `jax.jit` compiles once per placement of its arguments, and the arrays it
+    returns are committed. Feeding it an uncommitted copy at the start of a
+    `fit` would make every `fit` compile the fused step again.
+    """
+    return jax.device_put(array, array.sharding, may_alias=False)
+
+
+def _committed(tree):
+    """`tree` with every uncommitted array committed to its device.
+
+    Keras starts each epoch with some uncommitted arrays in its state (fresh
+    variables, metrics just reset); the step's outputs are committed. Keras'
+    own step takes either without compiling again, but a step that also
+    takes the (committed) EMA arrays is compiled once per mix of the two, so
+    a new epoch or `fit` would compile it again. Committing everything at an
+    epoch's first step keeps one compiled step for all of them.
+    """
+
+    def commit(array):
+        if getattr(array, "committed", True):
+            return array
+        return jax.device_put(array, array.sharding)
+
+    return jax.tree.map(commit, tree)
+
+
+def _replicated(shadow):
+    sharding = shadow.value.sharding
+    return sharding if sharding.is_fully_replicated else None
+
+
+def _batches(iterator, steps_per_execution: int):
+    """The batches of one JAX `train_function` call, as Keras takes them: up
+    to `steps_per_execution`, and a `StopIteration` (the epoch's end) only
+    when there is not even one."""
+    first = next(iterator)
+    return itertools.chain([first], itertools.islice(iterator, steps_per_execution - 1))
+
+
+def _jit_keras_train_step(model):
+    """Keras' own train step, jitted and donated as Keras does, or as is
+    when the model runs eagerly."""
+    if model.run_eagerly or not model.jit_compile:
+        return model.train_step
+    return jax.jit(
+        model.train_step,
+        donate_argnums=0,
+        out_shardings=_internals.jax_train_out_shardings(model),
+    )
+
+
+class Engine(base.Engine):
+    """During `fit` the EMA lives in arrays the loop donates: `(step,
+    skipped)` and, per profile, the shadows packed by a `Packing`.
+
+    With every profile updating only every few steps (and an optimizer that
+    moves the weights at every step), whether a step is due is known on the
+    host: the other steps run Keras' own train step, with no EMA op at all.
+    They are counted in `pending` and added to the step counter by the next
+    due step (or a flush).
+    """
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.packing = Packing(state.shadows, state.kinds, _replicated)
+        # One dispatch for all the slices; the outputs are new buffers.
+        self._unpack = jax.jit(lambda packed: [self.packing.unpack(p) for p in packed])
+        self._arrays = None
+        self._pending = 0
+        self._host = None
+        self._first_step = True
+        self._eager_update = None
+
+    # -- the EMA outside its variables ---------------------------------------
+
+    def arrays(self):
+        """`(counters, shadows per profile)`, made from the variables when
+        they are not live."""
+        if self._arrays is None:
+            state = self.state
+            counters = [_committed_copy(v.value) for v in state.counters]
+            shadows = []
+            for profile in state.profiles:
+                packed = self.packing.pack([s.value for s in profile.shadows])
+                shadows.append(
+                    [
+                        _committed(array) if flat else _committed_copy(array)
+                        for array, flat in zip(packed, self.packing.flat, strict=True)
+                    ]
+                )
+            self._arrays = (counters, shadows)
+        return self._arrays
+
+    def flush(self) -> None:
+        if self._arrays is None:
+            return
+        state = self.state
+        (step, skipped), shadows = self._arrays
+        # Copies: the arrays stay the loop's to donate.
+        state.step.assign(step + self._pending)
+        state.skipped.assign(fresh_copy(skipped, skipped.dtype))
+        for profile, values in zip(state.profiles, self._unpack(shadows), strict=True):
+            for shadow, value in zip(profile.shadows, values, strict=True):
+                shadow.assign(value)
+
+    def reload(self) -> None:
+        self._arrays = None
+        self._pending = 0
+        self._host = None
+
+    def _host_step(self) -> HostCounters:
+        """The step counter mirrored on the host, read once after the arrays
+        are (re)made."""
+        if self._host is None:
+            self._host = HostCounters(self.state.schedules)
+            self._host.step = int(jax.device_get(self.arrays()[0][0])) + self._pending
+        return self._host
+
+    # -- around `fit` -------------------------------------------------------
+
+    def start_epoch(self) -> None:
+        self._first_step = True
+
+    def build_train_function(self):
+        state, model, packing = self.state, self.model, self.packing
+        schedules = state.schedules
+        iterations, accumulation = optimizer_step_rule(model.optimizer)
+        may_skip = optimizer_may_skip(model.optimizer)
+        locate = _internals.jax_state_weights(model, state.weights)
+        iterations_of = _internals.jax_state_optimizer_variable(model, iterations)
+        keras_train_step = model.train_step
+        skip_on_host = not update.every_step_due(schedules) and not may_skip
+        run_update = update.update_when_due if base.gated(state) else update.update_all
+        if skip_on_host:
+            run_update = update.update_all
+
+        def fused_step(keras_state, ema, data, pending):
+            before = iterations_of(keras_state)
+            logs, keras_state = keras_train_step(keras_state, data)
+            stepped = None
+            if may_skip:
+                after = iterations_of(keras_state)
+                stepped = update.optimizer_stepped(before, after, accumulation)
+            (step, skipped), shadows = ema
+            counters, shadows, decays = run_update(
+                schedules,
+                packing.kinds,
+                (step + pending, skipped),
+                shadows,
+                lambda: packing.pack(
+                    as_stored(locate(keras_state), packing.shadow_dtypes)
+                ),
+                stepped,
+            )
+            logs = base.ema_logs(logs, state, decays, counters[1])
+            return logs, keras_state, (list(counters), shadows)
+
+        keras_step = keras_train_step
+        if not model.run_eagerly and model.jit_compile:
+            keras_shardings = _internals.jax_train_out_shardings(model)
+            out_shardings = keras_shardings
+            if out_shardings is not None:
+                ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
+                out_shardings = (*out_shardings, ema_shardings)
+            fused_step = jax.jit(
+                fused_step, donate_argnums=(0, 1), out_shardings=out_shardings
+            )
+            if skip_on_host:
+                keras_step = _jit_keras_train_step(model)
+        steps_per_execution = model.steps_per_execution
+
+        def train_function(keras_state, iterator):
+            if self._first_step:
+                keras_state = _committed(keras_state)
+                self._first_step = False
+            logs = None
+            for data in _batches(iterator, steps_per_execution):
+                if skip_on_host:
+                    host = self._host_step()
+                    if not host.next_step_is_due():
+                        logs, keras_state = keras_step(keras_state, data)
+                        host.advance()
+                        self._pending += 1
+                        skipped = self.arrays()[0][1]
+                        logs = base.ema_logs(logs, state, host.decays(), skipped)
+                        continue
+                    host.advance()
+                arrays = self.arrays()
+                logs, keras_state, arrays = fused_step(
+                    keras_state, arrays, data, self._pending
+                )
+                self._pending = 0
+                self._arrays = arrays
+            return logs, keras_state
+
+        return train_function
+
+    # -- outside `fit` -------------------------------------------------------
+
+    def update(self) -> None:
+        state = self.state
+        self.flush()
+        self.reload()
+        if self._eager_update is None:
+
+            def pure(counters, shadows, weights):
+                counters, shadows, _ = update.update_when_due(
+                    state.schedules, state.kinds, counters, shadows, lambda: weights
+                )
+                return list(counters), shadows
+
+            self._eager_update = jax.jit(pure, donate_argnums=(0, 1))
+        counters = [fresh_copy(v.value, v.value.dtype) for v in state.counters]
+        shadows = [
+            [fresh_copy(s.value, s.value.dtype) for s in profile.shadows]
+            for profile in state.profiles
+        ]
+        counters, shadows = self._eager_update(
+            counters, shadows, [w.value for w in state.weights]
+        )
+        for variable, value in zip(state.counters, counters, strict=True):
+            variable.assign(value)
+        for profile, values in zip(state.profiles, shadows, strict=True):
+            for shadow, value in zip(profile.shadows, values, strict=True):
+                shadow.assign(value)
+
+
+# --------------------------------------------------------------------------
+# Shadows in host memory
+
+
+def _host_update(schedules, kinds, step, skipped, shadows, weights):
+    (_, skipped), shadows, _ = update.update_all(
+        schedules, kinds, (step, skipped), shadows, lambda: weights
+    )
+    return shadows, skipped
+
+
+class HostEngine(base.Engine):
+    """Keras' own jitted step, then, on due steps, the weights copied to the
+    CPU and a jitted update of the host shadows there.
+
+    The schedule is decided on the host (`HostCounters`, the optimizer's
+    counter mirrored by `OptimizerSteps`). Both the copy and the update are
+    dispatched asynchronously, so the loop does not wait for the copy. With
+    a `LossScaleOptimizer`, whose skipped steps only the device knows, the
+    optimizer's counter is read back every step.
+    """
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._cpu = jax.devices("cpu")[0]
+        self._update = jax.jit(
+            functools.partial(_host_update, state.schedules, state.kinds)
+        )
+        self.counters = HostCounters(state.schedules)
+        self.counters.read(state.step)
+        self._steps = None
+
+    def install(self) -> None:
+        super().install()
+        self._steps.sync()
+
+    def flush(self) -> None:
+        self.state.step.assign(self.counters.step)
+
+    def reload(self) -> None:
+        self.counters.read(self.state.step)
+
+    def step(self, stepped: bool = True, weights=None) -> list:
+        """Counts one optimizer step, updates the shadows if it is due, and
+        returns each profile's decay."""
+        state = self.state
+        if self.counters.advance(stepped) is not None:
+            online = weights or [w.value for w in state.weights]
+            # `may_alias=False`: a CPU weight is copied too, since the next
+            # train step donates (deletes) the weight's buffer.
+            online = jax.device_put(list(online), self._cpu, may_alias=False)
+            shadows = [[s.value for s in p.shadows] for p in state.profiles]
+            new_shadows, skipped = self._update(
+                np.int32(self.counters.step - 1),
+                state.skipped.value,
+                shadows,
+                online,
+            )
+            for profile, values in zip(state.profiles, new_shadows, strict=True):
+                for shadow, value in zip(profile.shadows, values, strict=True):
+                    shadow.assign(value)
+            state.skipped.assign(skipped)
+        return self.counters.decays()
+
+    def update(self) -> None:
+        self.step()
+
+    def build_train_function(self):
+        state, model = self.state, self.model
+        locate = _internals.jax_state_weights(model, state.weights)
+        self._steps = steps = OptimizerSteps(model.optimizer)
+        iterations_of = _internals.jax_state_optimizer_variable(model, steps.iterations)
+        keras_train_step = _jit_keras_train_step(model)
+        steps_per_execution = model.steps_per_execution
+
+        def train_function(keras_state, iterator):
+            logs = decays = None
+            for data in _batches(iterator, steps_per_execution):
+                logs, keras_state = keras_train_step(keras_state, data)
+                stepped = steps.advance(iterations_of(keras_state))
+                decays = self.step(stepped, locate(keras_state))
+            logs = base.ema_logs(logs, state, decays, state.skipped.value)
+            return logs, keras_state
+
+        return train_function
+
+
+def make_engine(state) -> base.Engine:
+    return HostEngine(state) if state.offload else Engine(state)
+
+
+def make_placement(offload: bool) -> base.Placement:
+    return HostPlacement() if offload else Placement()
+
+
+start_when_built = base.start_when_built

@@ -1,0 +1,423 @@
+"""The EMA on TensorFlow.
+
+At `fit` the model's `train_step` is wrapped (Keras' step, then the update
+of every profile with `assign`s) and traced into Keras' own `tf.function`,
+once per inner step when `steps_per_execution > 1`. Outside any
+`tf.distribute` strategy the small shadows are updated in a few flat
+variables (`Packing`) during `fit`. `HostEngine` keeps the shadows in host
+memory: the update stays in the step's graph with its ops on the CPU, and
+the weights are read inside the due branch, so a step that is not due copies
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import keras
+import tensorflow as tf
+
+from keras_ema import _internals
+from keras_ema import update
+from keras_ema.backends import base
+from keras_ema.host_counters import optimizer_may_skip
+from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.packing import Packing
+from keras_ema.sizes import BRANCH_MEAN_ELEMENTS
+
+# --------------------------------------------------------------------------
+# Buffers and layouts
+
+
+def fresh_copy(value, dtype):
+    """A copy of `value` cast to `dtype` that shares no buffer with it."""
+    return tf.identity(tf.cast(tf.convert_to_tensor(value), dtype))
+
+
+def copy_for_weight(value, weight):
+    # Assignments copy across devices themselves.
+    return fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
+
+
+def read(variable):
+    """The variable's value now (a variable used as a tensor is only read
+    when an op consumes it)."""
+    return tf.identity(variable.value)
+
+
+def online_backup(model, tracked) -> list:
+    """A copy of each tracked weight, as `(variable, value)` pairs."""
+    return [
+        (
+            weight,
+            fresh_copy(weight.value, keras.backend.standardize_dtype(weight.dtype)),
+        )
+        for weight in tracked
+    ]
+
+
+def restore_backup(model, backup) -> None:
+    for variable, value in backup:
+        variable.assign(value)
+
+
+class Placement(base.Placement):
+    """Shadows and counters created under the model's distribution strategy
+    with `only_first_replica` aggregation: mirrored like the weights, and
+    every replica computes the same EMA from the same mirrored weights."""
+
+    aggregation = "only_first_replica"
+
+    def scope(self, model):
+        strategy = getattr(model, "distribute_strategy", None)
+        return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+    def initial_value(self, weight, dtype):
+        return fresh_copy(weight.value, dtype)
+
+
+class HostPlacement(Placement):
+    """Shadows and counters in host memory (`/CPU:0`)."""
+
+    def check(self, model, weights) -> None:
+        strategy = getattr(model, "distribute_strategy", None)
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        if replicas > 1:
+            raise ValueError(
+                "`offload_to_host=True` does not support a `tf.distribute` "
+                "strategy with several replicas: every replica would write the "
+                f"same host shadows. Received: strategy={type(strategy).__name__} "
+                f"with {replicas} replicas."
+            )
+
+    def scope(self, model):
+        return keras.device("cpu:0")
+
+    def initial_value(self, weight, dtype):
+        # The cast runs on the host: no full-size copy on the device.
+        with tf.device("/CPU:0"):
+            return fresh_copy(weight.value, dtype)
+
+
+# --------------------------------------------------------------------------
+# The update inside Keras' train function
+
+
+def _keras_train_function_around(model, train_step, jit_compile=None):
+    """Keras' own TF train function, traced around `train_step` (once per
+    inner step when `steps_per_execution > 1`), with the model's
+    `jit_compile` set to `jit_compile` for the trace when given."""
+    saved = model.jit_compile
+    with _internals.train_step_replaced(model, train_step):
+        if jit_compile is not None:
+            model.jit_compile = jit_compile
+        try:
+            model.make_train_function(force=True)
+        finally:
+            model.jit_compile = saved
+    return model.train_function
+
+
+def _mostly_large(variables) -> bool:
+    """Whether the variables average `BRANCH_MEAN_ELEMENTS` or more."""
+    sizes = [math.prod(v.shape) for v in variables]
+    return sum(sizes) >= BRANCH_MEAN_ELEMENTS * len(sizes)
+
+
+def as_stored(values, dtypes) -> list:
+    """`values` with each one narrower than its shadow's dtype read as
+    stored, under XLA (see the JAX backend's `as_stored`)."""
+    narrow = [
+        i
+        for i, (value, dtype) in enumerate(zip(values, dtypes, strict=True))
+        if keras.backend.standardize_dtype(value.dtype) != dtype
+    ]
+    if not narrow:
+        return list(values)
+    # TF's own XLA op; it has no public name.
+    from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
+
+    values = list(values)
+    stored = optimization_barrier(*[values[i] for i in narrow])
+    for i, value in zip(narrow, stored, strict=True):
+        values[i] = value
+    return values
+
+
+def _packs(model) -> bool:
+    """Whether the model trains outside any `tf.distribute` strategy (its
+    strategy is TF's default one, and none is in scope)."""
+    if tf.distribute.has_strategy():
+        return False
+    return model.distribute_strategy is tf.distribute.get_strategy()
+
+
+class _PackedShadows:
+    """During `fit`, one flat `tf.Variable` per packed group of small
+    shadows, per profile; larger shadows are updated in place."""
+
+    def __init__(self, state):
+        self.state = state
+        self.packing = Packing(state.shadows, state.kinds, lambda shadow: "")
+        self._flat = None
+        self._current = False
+
+    def ensure_current(self) -> None:
+        """Creates the flat variables, or refreshes them from the shadow
+        variables written since; eagerly, before a step runs."""
+        if self._current:
+            return
+        with tf.init_scope():
+            packed = [
+                self.packing.pack([s.value for s in profile.shadows])
+                for profile in self.state.profiles
+            ]
+            if self._flat is None:
+                self._flat = [self._new_flat(n, p) for n, p in enumerate(packed)]
+            else:
+                for flats, values in zip(self._flat, packed, strict=True):
+                    for variable, value in zip(flats, values, strict=True):
+                        if variable is not None:
+                            variable.assign(value)
+        self._current = True
+
+    def _new_flat(self, number: int, packed) -> list:
+        return [
+            keras.Variable(
+                value, trainable=False, autocast=False, name=f"ema_packed_{number}_{i}"
+            )
+            if flat
+            else None
+            for i, (value, flat) in enumerate(
+                zip(packed, self.packing.flat, strict=True)
+            )
+        ]
+
+    def targets(self) -> list:
+        """Per profile, the variable each group is updated in."""
+        return [
+            [
+                flat if flat is not None else profile.shadows[group[0]]
+                for flat, group in zip(flats, self.packing.groups, strict=True)
+            ]
+            for flats, profile in zip(self._flat, self.state.profiles, strict=True)
+        ]
+
+    def flush(self) -> None:
+        if self._flat is None or not self._current:
+            return
+        for flats, profile in zip(self._flat, self.state.profiles, strict=True):
+            values = self.packing.unpack(
+                [v.value if v is not None else None for v in flats]
+            )
+            for shadow, value in zip(profile.shadows, values, strict=True):
+                if value is not None:
+                    shadow.assign(value)
+
+    def reload(self) -> None:
+        self._current = False
+
+
+def _assign_update(state, run, read_values, stepped=None, blend=None, packed=None):
+    """Runs `run` (`update.update_all` or `update_when_due`) on the values of
+    the counters and shadows (or of `packed`'s variables), and assigns the
+    results; returns the new counters and the decays."""
+    targets = [p.shadows for p in state.profiles]
+    kinds = state.kinds
+    if packed is not None:
+        targets, kinds = packed.targets(), packed.packing.kinds
+    counters = [read(v) for v in state.counters]
+    shadows = [[read(v) for v in profile] for profile in targets]
+    counters, shadows, decays = run(
+        state.schedules,
+        kinds,
+        counters,
+        shadows,
+        read_values,
+        stepped,
+        blend or update.blend_elementwise,
+    )
+    for variable, value in zip(state.counters, counters, strict=True):
+        variable.assign(value)
+    for variables, values in zip(targets, shadows, strict=True):
+        for variable, value in zip(variables, values, strict=True):
+            variable.assign(value)
+    return counters, decays
+
+
+class Engine(base.Engine):
+    def __init__(self, state):
+        super().__init__(state)
+        self.packed = _PackedShadows(state) if _packs(state.model) else None
+        self._eager_update = None
+
+    def flush(self) -> None:
+        if self.packed is not None:
+            self.packed.flush()
+
+    def reload(self) -> None:
+        if self.packed is not None:
+            self.packed.reload()
+
+    def build_train_function(self):
+        state, model, packed = self.state, self.model, self.packed
+        iterations, accumulation = optimizer_step_rule(model.optimizer)
+        may_skip = optimizer_may_skip(model.optimizer)
+        keras_train_step = model.train_step
+        # Keras resolves `jit_compile="auto"` to False on a CPU-only machine.
+        xla = bool(model.jit_compile) and not model.run_eagerly
+        blend = (
+            update.blend_by_branches
+            if not xla and _mostly_large(state.shadows)
+            else update.blend_elementwise
+        )
+        run = update.update_when_due if base.gated(state) else update.update_all
+        if packed is not None:
+            packed.ensure_current()
+        dtypes = [s.dtype for s in state.shadows]
+
+        def read_values():
+            values = [read(w) for w in state.weights]
+            if xla:
+                values = as_stored(values, dtypes)
+            return packed.packing.pack(values) if packed is not None else values
+
+        def train_step(data):
+            before = read(iterations) if may_skip else None
+            logs = keras_train_step(data)
+            stepped = None
+            if may_skip:
+                stepped = update.optimizer_stepped(
+                    before, read(iterations), accumulation
+                )
+            counters, decays = _assign_update(
+                state, run, read_values, stepped, blend, packed
+            )
+            return base.ema_logs(logs, state, decays, counters[1])
+
+        fused = _keras_train_function_around(model, train_step)
+        if packed is None:
+            return fused
+
+        def train_function(iterator):
+            # The shadow variables may have been written since the last step
+            # (a state loaded by `BackupAndRestore`, a swap): repack them.
+            packed.ensure_current()
+            return fused(iterator)
+
+        return train_function
+
+    def update(self) -> None:
+        state = self.state
+        if self._eager_update is None:
+            self._eager_update = tf.function(
+                lambda: _assign_update(
+                    state,
+                    update.update_when_due,
+                    lambda: [read(w) for w in state.weights],
+                    blend=update.blend_by_branches,
+                )[0],
+                autograph=False,
+            )
+        # It updates the shadow variables themselves.
+        self.flush()
+        self.reload()
+        self._eager_update()
+
+
+# --------------------------------------------------------------------------
+# Shadows in host memory
+
+
+def _host_assign_update(state, stepped):
+    """`_assign_update` with its ops on the CPU. The weights are read inside
+    the due branch, on their own device, so a step that is not due copies
+    nothing to the host."""
+
+    def read_weights():
+        with tf.device(None):
+            return [read(w) for w in state.weights]
+
+    with tf.device("/CPU:0"):
+        return _assign_update(
+            state,
+            update.update_when_due,
+            read_weights,
+            stepped,
+            update.blend_by_branches,
+        )
+
+
+class HostEngine(base.Engine):
+    """The update stays in the step's graph, its ops placed on the CPU.
+
+    XLA compiles a function for one device, so with `jit_compile` only Keras'
+    own step is XLA-compiled (a nested `tf.function`), and the host update
+    runs in the surrounding graph, which TF schedules across devices.
+    """
+
+    def __init__(self, state):
+        super().__init__(state)
+        self._eager_update = None
+
+    def build_train_function(self):
+        state, model = self.state, self.model
+        iterations, accumulation = optimizer_step_rule(model.optimizer)
+        keras_train_step = model.train_step
+        if model.jit_compile and not model.run_eagerly:
+            keras_train_step = tf.function(
+                keras_train_step, jit_compile=True, reduce_retracing=True
+            )
+
+        def train_step(data):
+            before = read(iterations)
+            logs = keras_train_step(data)
+            stepped = update.optimizer_stepped(before, read(iterations), accumulation)
+            counters, decays = _host_assign_update(state, stepped)
+            return base.ema_logs(logs, state, decays, counters[1])
+
+        return _keras_train_function_around(model, train_step, jit_compile=False)
+
+    def update(self) -> None:
+        if self._eager_update is None:
+            self._eager_update = tf.function(
+                lambda: _host_assign_update(self.state, None)[0], autograph=False
+            )
+        self._eager_update()
+
+
+def start_when_built(model, start):
+    """Calls `start()` once `model` is built, before its first train step.
+
+    TensorFlow defers building a model that was never called to the first
+    trace of its train function, which comes after `on_train_begin`. The
+    train function is wrapped for its first call: the model (and its
+    optimizer) is built symbolically from the data's element spec, as Keras
+    does under a `tf.distribute` strategy, then `start()` installs the EMA,
+    which then runs the step. Returns the function that undoes the wrapping
+    if no step ran.
+    """
+    keras_train_function = model.train_function
+
+    def train_function(iterator):
+        model.train_function = keras_train_function
+        _internals.build_from_element_spec(model, iterator.element_spec)
+        start()
+        return model.train_function(iterator)
+
+    model.train_function = train_function
+
+    def undo() -> None:
+        if model.train_function is train_function:
+            model.train_function = keras_train_function
+
+    return undo
+
+
+def make_engine(state) -> base.Engine:
+    return HostEngine(state) if state.offload else Engine(state)
+
+
+def make_placement(offload: bool) -> base.Placement:
+    return HostPlacement() if offload else Placement()

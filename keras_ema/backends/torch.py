@@ -1,0 +1,358 @@
+"""The EMA on torch.
+
+Keras' torch train step is eager, so the update runs right after it. The
+shadows of each dtype are views into one flat buffer per profile, ordered by
+kind (averaged, copied, ignored), so an update is a handful of whole-buffer
+ops whatever the number of weights. The schedule is decided on the host from
+Python counters (`HostCounters`), so no step waits for the device; only the
+NaN/Inf guard is decided on the device (`torch.where`). On the CPU, for
+large models, that flag costs no sync to read, so the skip is decided on the
+host and each shadow is blended in place from its own weight. `HostEngine`
+keeps the flat buffers in host memory and blends one due step late, after a
+`non_blocking` copy of the weights into a pinned buffer.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import torch
+
+from keras_ema import _internals
+from keras_ema.backends import base
+from keras_ema.host_counters import HostCounters
+from keras_ema.host_counters import OptimizerSteps
+from keras_ema.sizes import IN_PLACE_ELEMENTS
+from keras_ema.state import Kind
+from keras_ema.update import is_finite
+
+# --------------------------------------------------------------------------
+# Buffers and layouts
+
+
+def fresh_copy(value, dtype):
+    """A copy of `value` cast to `dtype` that shares no buffer with it."""
+    return value.detach().to(dtype=getattr(torch, dtype), copy=True)
+
+
+def copy_for_weight(value, weight):
+    # Assignments copy across devices themselves.
+    return fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
+
+
+def online_backup(model, tracked) -> list:
+    """A copy of each tracked weight, as `(variable, value)` pairs."""
+    return [
+        (
+            weight,
+            fresh_copy(weight.value, keras.backend.standardize_dtype(weight.dtype)),
+        )
+        for weight in tracked
+    ]
+
+
+def restore_backup(model, backup) -> None:
+    for variable, value in backup:
+        variable.assign(value)
+
+
+class Placement(base.Placement):
+    def check(self, model, weights) -> None:
+        """Keras' torch trainer runs on one device and ignores
+        `keras.distribution` (the weights stay unsharded, every process
+        trains alone); the update also keeps each dtype's shadows in one flat
+        buffer, on one device."""
+        distribution = keras.distribution.distribution()
+        if distribution is not None:
+            raise ValueError(
+                "`keras_ema.EMA` does not support `keras.distribution` on the "
+                "torch backend: Keras' torch trainer ignores it and trains on "
+                "one device. Use the JAX backend for `keras.distribution`, or "
+                "unset the distribution "
+                "(`keras.distribution.set_distribution(None)`). "
+                f"Received: distribution={distribution}"
+            )
+        devices = {str(w.value.device) for w in weights}
+        if len(devices) > 1:
+            raise ValueError(
+                "On the torch backend `keras_ema.EMA` needs all floating-point "
+                "weights of the model on one device. Received weights on "
+                f"devices={sorted(devices)}"
+            )
+
+    def initial_value(self, weight, dtype):
+        return fresh_copy(weight.value, dtype)
+
+
+class HostPlacement(Placement):
+    def scope(self, model):
+        return keras.device("cpu:0")
+
+    def initial_value(self, weight, dtype):
+        return weight.value.detach().to(
+            device="cpu", dtype=getattr(torch, dtype), copy=True
+        )
+
+
+# --------------------------------------------------------------------------
+# Flat buffers
+
+
+class _Group:
+    """The tracked weights whose shadows share one dtype: one flat buffer of
+    them per profile, ordered by kind, each shadow a view into it.
+
+    Args:
+        state: The `ShadowState`.
+        indices: The positions (in `state.weights`) of this group's weights.
+    """
+
+    def __init__(self, state, indices):
+        self.order = sorted(indices, key=lambda i: int(state.kinds[i]))
+        self.kinds = [state.kinds[i] for i in self.order]
+        self.dtype = state.shadows[self.order[0]].value.dtype
+        self.sizes = [state.shadows[i].value.numel() for i in self.order]
+        self.offsets = list(itertools.accumulate(self.sizes, initial=0))
+        self.views = [state.weights[i].value.reshape(-1) for i in self.order]
+        self.flats = [self._rehome(p.shadows) for p in state.profiles]
+        self.segments = {}
+        for kind in Kind:
+            chosen = [j for j, k in enumerate(self.kinds) if k == kind]
+            if chosen:
+                self.segments[kind] = (
+                    self.offsets[chosen[0]],
+                    self.offsets[chosen[-1] + 1],
+                )
+
+    def _rehome(self, shadows):
+        """One flat buffer with the shadows' values; each shadow becomes a
+        view into it."""
+        flat = torch.cat([shadows[i].value.detach().reshape(-1) for i in self.order])
+        for i, start, size in zip(self.order, self.offsets, self.sizes, strict=False):
+            view = flat[start : start + size].view(shadows[i].value.shape)
+            _internals.torch_variable_storage(shadows[i], view)
+        return flat
+
+    def shadow_views(self, profile: int) -> list:
+        flat = self.flats[profile]
+        return [
+            flat[start : start + size]
+            for start, size in zip(self.offsets, self.sizes, strict=False)
+        ]
+
+    def online(self):
+        """The group's weights, flat, in buffer order (a copy)."""
+        return torch.cat(self.views).to(self.dtype)
+
+    def blend(self, profile: int, online, weights, finite) -> None:
+        """`flat = lerp(flat, online, weight of each kind)` where `finite`."""
+        flat = self.flats[profile]
+        moved = torch.empty_like(flat)
+        for kind, (start, stop) in self.segments.items():
+            torch.lerp(
+                flat[start:stop],
+                online[start:stop],
+                weights[kind],
+                out=moved[start:stop],
+            )
+        torch.where(finite, moved, flat, out=flat)
+
+
+def _groups(state) -> list[_Group]:
+    by_dtype: dict = {}
+    for index, shadow in enumerate(state.shadows):
+        by_dtype.setdefault(shadow.value.dtype, []).append(index)
+    return [_Group(state, indices) for indices in by_dtype.values()]
+
+
+class _Blender:
+    """Blends every profile's flat buffers from the weights."""
+
+    def __init__(self, state):
+        self.state = state
+        self.groups = _groups(state)
+
+    def all_finite(self, onlines):
+        finite = None
+        for online in onlines:
+            check = torch.isfinite(online).all()
+            finite = check if finite is None else finite & check
+        return finite
+
+    def blend_online(self, onlines, weights_per_profile) -> None:
+        """Blends from `onlines` (each group's weights, flat)."""
+        with torch.no_grad():
+            finite = self.all_finite(onlines)
+            for profile, weights in enumerate(weights_per_profile):
+                if weights is None:
+                    continue
+                for group, online in zip(self.groups, onlines, strict=True):
+                    group.blend(profile, online, weights, finite)
+            self.state.skipped.value.add_((~finite).to(torch.int32))
+
+
+# --------------------------------------------------------------------------
+# Engines
+
+
+class Engine(base.Engine):
+    """The update after Keras' eager train step, decided on the host."""
+
+    # Building is cheap here (no tracing), and it re-reads the optimizer's
+    # counter, which `train_on_batch` may have advanced between fits.
+    reusable = False
+
+    def __init__(self, state):
+        super().__init__(state)
+        self.counters = HostCounters(state.schedules)
+        self.counters.read(state.step)
+        self.blender = _Blender(state)
+        self.in_place = self._blends_in_place()
+
+    def _blends_in_place(self) -> bool:
+        """Whether to blend each shadow in place from its weight: on the CPU,
+        for models of `IN_PLACE_ELEMENTS` or more, with every weight of its
+        shadow's dtype.
+
+        On the CPU, reading the NaN/Inf flag costs no device sync, so a
+        skipped step can be decided on the host, and each shadow blended in
+        place from its own weight: no flat copy of the weights, no
+        temporary. Small models keep the flat path: one op for all weights
+        costs less than one per weight.
+        """
+        groups = self.blender.groups
+        return (
+            all(g.flats[0].device.type == "cpu" for g in groups)
+            and sum(g.flats[0].numel() for g in groups) >= IN_PLACE_ELEMENTS
+            and all(view.dtype == g.dtype for g in groups for view in g.views)
+        )
+
+    def flush(self) -> None:
+        self.state.step.assign(self.counters.step)
+
+    def reload(self) -> None:
+        self.counters.read(self.state.step)
+
+    def step(self, stepped: bool = True) -> list:
+        """Counts one optimizer step, updates the shadows if it is due, and
+        returns each profile's decay."""
+        flags = self.counters.advance(stepped)
+        if flags is not None:
+            self._blend([f.kind_weights() if f.due else None for f in flags])
+        return self.counters.decays()
+
+    def update(self) -> None:
+        self.step()
+
+    def _blend(self, weights_per_profile) -> None:
+        if self.in_place:
+            self._blend_in_place(weights_per_profile)
+            return
+        with torch.no_grad():
+            onlines = [group.online() for group in self.blender.groups]
+        self.blender.blend_online(onlines, weights_per_profile)
+
+    def _blend_in_place(self, weights_per_profile) -> None:
+        with torch.no_grad():
+            weights = [w.value for w in self.state.weights]
+            if not all(bool(is_finite(weight)) for weight in weights):
+                self.state.skipped.value.add_(1)
+                return
+            for profile, kind_weights in enumerate(weights_per_profile):
+                if kind_weights is None:
+                    continue
+                for group in self.blender.groups:
+                    shadows = group.shadow_views(profile)
+                    for kind, shadow, view in zip(
+                        group.kinds, shadows, group.views, strict=True
+                    ):
+                        if kind_weights[kind]:
+                            shadow.lerp_(view, kind_weights[kind])
+
+    def build_train_function(self):
+        keras_train_function = self._keras_train_function
+        state = self.state
+        # With a LossScaleOptimizer the optimizer's counter is read every
+        # step, but Keras' torch `cond` has already read the overflow flag on
+        # the host to skip or apply the step: no new device sync.
+        steps = OptimizerSteps(self.model.optimizer)
+
+        def train_function(data):
+            logs = keras_train_function(data)
+            decays = self.step(steps.advance(steps.iterations.value))
+            return base.ema_logs(logs, state, decays, state.skipped.value)
+
+        return train_function
+
+
+class HostEngine(Engine):
+    """`Engine` over flat host buffers, blended one due step late.
+
+    A due step only starts copying the online weights into a pinned host
+    buffer (`non_blocking`) and returns; the blend runs on the CPU at the
+    next due step or when the shadows are read (`flush`), by which time the
+    copy has long landed. Only the CUDA event of that copy is waited for.
+    """
+
+    def __init__(self, state):
+        super().__init__(state)
+        groups = self.blender.groups
+        self._pinned = torch.cuda.is_available() and any(
+            view.is_cuda for g in groups for view in g.views
+        )
+        self.staging = [
+            torch.empty(g.flats[0].shape, dtype=g.dtype, pin_memory=self._pinned)
+            for g in groups
+        ]
+        self._pending = None
+        self._copied = None
+
+    def _blends_in_place(self) -> bool:
+        # Always through the staging buffer: the weights may be on a device.
+        return False
+
+    def _blend(self, weights_per_profile) -> None:
+        self.finish()
+        with torch.no_grad():
+            for group, staging in zip(self.blender.groups, self.staging, strict=True):
+                for view, start, size in zip(
+                    group.views, group.offsets, group.sizes, strict=False
+                ):
+                    staging[start : start + size].copy_(view, non_blocking=True)
+        if self._pinned:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        self._pending = weights_per_profile
+
+    def finish(self) -> None:
+        """Blends the pending due step, once its copy has landed."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
+        self.blender.blend_online(self.staging, pending)
+
+    def flush(self) -> None:
+        self.finish()
+        super().flush()
+
+    def reload(self) -> None:
+        # The variables were written from outside (a loaded state): an update
+        # still waiting for its copy belongs to the state they replaced.
+        self._pending = None
+        self._copied = None
+        super().reload()
+
+
+def make_engine(state) -> base.Engine:
+    return HostEngine(state) if state.offload else Engine(state)
+
+
+def make_placement(offload: bool) -> base.Placement:
+    return HostPlacement() if offload else Placement()
+
+
+start_when_built = base.start_when_built

@@ -1,0 +1,229 @@
+"""Which weights the EMA tracks, and the shadows and counters that hold it.
+
+`ShadowState` owns, for each averaging profile, one shadow `keras.Variable`
+per tracked model weight (every floating-point weight, trainable or not),
+and two int32 counters shared by the profiles: the optimizer steps taken and
+the updates skipped because a weight was NaN or infinite. Where and how the
+variables are laid out is the backend's business: it comes in as a
+`placement` (see `keras_ema.backends`); this module imports no backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+from collections.abc import Sequence
+
+import keras
+
+from keras_ema.schedule import Schedule
+
+
+class Kind(enum.IntEnum):
+    """How a tracked weight is treated once the warm-up is over."""
+
+    AVERAGE = 0
+    COPY = 1  # `param_or_buffer_names_no_ema`: copied, never averaged.
+    IGNORE = 2  # `ignore_names` / `ignore_startswith_names`: left as is.
+
+
+def shadow_dtype(dtype: str) -> str:
+    """float64 weights keep float64 shadows; every other float gets float32.
+
+    A bfloat16 shadow with beta 0.999 would never move (its 8-bit mantissa
+    rounds `(1 - beta) * delta` away), so low-precision weights are averaged
+    in float32 and cast back on a swap.
+    """
+    return "float64" if dtype == "float64" else "float32"
+
+
+def check_names(name: str, value) -> tuple[str, ...]:
+    """Validates a name filter argument: a collection of strings."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(
+            f"`{name}` must be a collection of strings (variable paths). "
+            f"Received: {name}={value!r}"
+        )
+    names = tuple(value)
+    for item in names:
+        if not isinstance(item, str):
+            raise ValueError(
+                f"`{name}` must contain only strings. Received: {name}={value!r}"
+            )
+    return names
+
+
+def tracked_weights(model) -> list:
+    """The floating-point weights of `model`, in `model.weights` order."""
+    return [w for w in model.weights if keras.backend.is_float_dtype(w.dtype)]
+
+
+def classify(
+    paths: Sequence[str],
+    no_ema: Sequence[str],
+    ignore: Sequence[str],
+    ignore_prefixes: Sequence[str],
+) -> list[Kind]:
+    """Assigns a `Kind` to each path; a filter that matches nothing raises."""
+    for arg, names, matches in (
+        ("param_or_buffer_names_no_ema", no_ema, str.__eq__),
+        ("ignore_names", ignore, str.__eq__),
+        ("ignore_startswith_names", ignore_prefixes, str.startswith),
+    ):
+        for name in names:
+            if not any(matches(path, name) for path in paths):
+                raise ValueError(
+                    f"`{arg}` contains {name!r}, which matches no "
+                    "floating-point weight of the model. Weight paths are: "
+                    f"{list(paths)}"
+                )
+    kinds = []
+    for path in paths:
+        if path in ignore or any(path.startswith(p) for p in ignore_prefixes):
+            kinds.append(Kind.IGNORE)
+        elif path in no_ema:
+            kinds.append(Kind.COPY)
+        else:
+            kinds.append(Kind.AVERAGE)
+    return kinds
+
+
+def weights_signature(weights) -> tuple:
+    return tuple(
+        (tuple(w.shape), keras.backend.standardize_dtype(w.dtype), id(w))
+        for w in weights
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters:
+    """The three name filters of the article's `EMA` class."""
+
+    no_ema: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    ignore_prefixes: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class Profile:
+    """One average of the tracked weights: its name, its schedule and one
+    shadow per tracked weight."""
+
+    name: str
+    schedule: Schedule
+    shadows: list
+
+    @property
+    def decay_key(self) -> str:
+        """The log key of this profile's decay."""
+        return f"ema_{self.name}_decay" if self.name else "ema_decay"
+
+
+class ShadowState:
+    """The shadow variables of one model and the counters of its EMA.
+
+    Args:
+        model: A built Keras model.
+        profiles: `(name, schedule)` pairs, one average each.
+        filters: The name filters.
+        offload: Whether the shadows and counters live in host memory.
+        placement: The backend's `Placement` for these variables.
+    """
+
+    def __init__(
+        self,
+        model,
+        profiles: Sequence[tuple[str, Schedule]],
+        filters: Filters,
+        offload: bool,
+        placement,
+    ):
+        self.model = model
+        self.offload = offload
+        self.weights = tracked_weights(model)
+        if not self.weights:
+            raise ValueError(
+                "The EMA needs a built model with floating-point weights. "
+                f"Model {model.name!r} has none; build it (call it on data "
+                "or `model.build(input_shape)`) before using the callback."
+            )
+        self.paths = [w.path for w in self.weights]
+        self.kinds = classify(
+            self.paths, filters.no_ema, filters.ignore, filters.ignore_prefixes
+        )
+        self.signature = weights_signature(self.weights)
+        self.placement = placement
+        placement.check(model, self.weights)
+        with placement.scope(model):
+            self.profiles = [
+                Profile(name, schedule, self._make_shadows(placement, name))
+                for name, schedule in profiles
+            ]
+            counter_layout = placement.counter_layout(self.weights)
+            self.step = _counter("ema_step", placement, counter_layout)
+            self.skipped = _counter("ema_skipped", placement, counter_layout)
+
+    def _make_shadows(self, placement, profile: str) -> list:
+        prefix = f"ema_{profile}_" if profile else "ema_"
+        shadows = []
+        for index, weight in enumerate(self.weights):
+            dtype = shadow_dtype(keras.backend.standardize_dtype(weight.dtype))
+            shadow = keras.Variable(
+                placement.initial_value(weight, dtype),
+                dtype=dtype,
+                trainable=False,
+                name=f"{prefix}{index}_" + weight.path.replace("/", "_"),
+                autocast=False,
+                aggregation=placement.aggregation,
+                layout=placement.shadow_layout(weight),
+            )
+            placement.place_like(shadow, weight)
+            shadows.append(shadow)
+        return shadows
+
+    @property
+    def shadows(self) -> list:
+        """The first profile's shadows."""
+        return self.profiles[0].shadows
+
+    @property
+    def schedules(self) -> list[Schedule]:
+        return [profile.schedule for profile in self.profiles]
+
+    @property
+    def counters(self) -> list:
+        return [self.step, self.skipped]
+
+    @property
+    def all_shadows(self) -> list:
+        """Every profile's shadows, profile after profile."""
+        return [s for profile in self.profiles for s in profile.shadows]
+
+    def check_model_unchanged(self) -> None:
+        """Raises if the model's float weights differ from those shadowed."""
+        current = tracked_weights(self.model)
+        if weights_signature(current) == self.signature:
+            return
+        before = {p: s for p, s in zip(self.paths, self.signature, strict=True)}
+        after = {
+            w.path: s for w, s in zip(current, weights_signature(current), strict=True)
+        }
+        changes = sorted(set(before.items()) ^ set(after.items()))
+        raise ValueError(
+            f"The weights of model {self.model.name!r} changed after the EMA "
+            "started tracking them (weights added, removed or reshaped). "
+            f"Differences (path, (shape, dtype, id)): {changes[:10]}. Create "
+            "a new `EMA` callback for the changed model."
+        )
+
+
+def _counter(name: str, placement, layout):
+    return keras.Variable(
+        0,
+        dtype="int32",
+        trainable=False,
+        name=name,
+        aggregation=placement.aggregation,
+        layout=layout,
+    )

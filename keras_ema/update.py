@@ -1,0 +1,245 @@
+"""The EMA update as pure `keras.ops` functions of tensors.
+
+Each backend's engine composes these inside its compiled train step (or
+eagerly): the counter advances (`advance`) when the optimizer really moved
+the weights (`optimizer_stepped`); each profile's schedule gives its flags
+for that step (`profile_flags`); the NaN/Inf guard is one device scalar for
+all weights (`all_finite`); and each profile's shadows are blended from the
+weights, read once for all profiles (`blend_elementwise`, or
+`blend_by_branches` where elementwise selects cost a pass over memory each).
+`update_all` and `update_when_due` put the pieces together for all profiles.
+No function branches in Python on a tensor's value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from keras_ema.schedule import Schedule
+from keras_ema.sizes import GROUP_ELEMENTS
+from keras_ema.state import Kind
+
+
+class Flags(NamedTuple):
+    """One profile's schedule at one step, as device scalars."""
+
+    due: object  # bool: this step updates the profile
+    copies_all: object  # bool: the update copies every weight, ignored ones too
+    weight: object  # float32: the interpolation weight of an average
+
+
+def optimizer_stepped(before, after, accumulation_steps):
+    """Whether a train step moved the weights, from the optimizer's own
+    iteration counter before and after it: the counter advanced (a
+    LossScaleOptimizer's skipped step does not advance it) and, under
+    gradient accumulation, reached a multiple of the accumulation steps."""
+    moved = ops.greater(after, before)
+    if accumulation_steps:
+        moved = ops.logical_and(moved, ops.equal(ops.mod(after, accumulation_steps), 0))
+    return moved
+
+
+def advance(step, stepped=None):
+    """The step counter after this step: `t`, the steps taken so far."""
+    if stepped is None:
+        return step + ops.ones_like(step)
+    return step + ops.cast(stepped, step.dtype)
+
+
+def profile_flags(schedule: Schedule, t, stepped=None) -> Flags:
+    due = schedule.compiled_is_due(t)
+    if stepped is not None:
+        due = ops.logical_and(due, stepped)
+    copies_all = ops.logical_and(due, schedule.compiled_copies_all(t))
+    return Flags(due, copies_all, schedule.compiled_weight(t))
+
+
+def any_due(flags: Sequence[Flags]):
+    due = flags[0].due
+    for other in flags[1:]:
+        due = ops.logical_or(due, other.due)
+    return due
+
+
+def every_step_due(schedules: Sequence[Schedule]) -> bool:
+    """Whether every optimizer step updates every profile."""
+    return all(schedule.update_every == 1 for schedule in schedules)
+
+
+def all_finite(values):
+    """Whether every element of every value is finite, as one device scalar.
+
+    Small values of one dtype are concatenated, in order, into groups of up
+    to `GROUP_ELEMENTS` elements, one reduction each: the update cannot
+    start before this flag is known, and on XLA a reduction per small weight
+    costs more than the EMA itself on a model of many small weights. Large
+    values are checked alone: concatenating them would copy them, and under
+    a `keras.distribution` would gather their shards.
+    """
+    checks, groups, open_group = [], [], {}
+    for value in values:
+        size = math.prod(value.shape)
+        if size > GROUP_ELEMENTS:
+            checks.append(is_finite(value))
+            continue
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        group = open_group.get(dtype)
+        if group is None or group[0] + size > GROUP_ELEMENTS:
+            group = open_group[dtype] = [0, []]
+            groups.append(group[1])
+        group[0] += size
+        group[1].append(ops.reshape(value, (-1,)))
+    for group in groups:
+        flat = group[0] if len(group) == 1 else ops.concatenate(group)
+        checks.append(is_finite(flat))
+    return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
+
+
+def is_finite(value):
+    """Whether every element of one value is finite, as a device scalar.
+
+    A matrix with a last axis of some length is multiplied by a zero vector:
+    `0 * x` is 0 for a finite `x` and NaN for NaN or Inf, so the product is
+    finite exactly when the matrix is, and it never overflows. That is one
+    vectorised (and, on CPU, multithreaded) pass, where `all(isfinite(x))`
+    first writes a boolean array and then reduces it.
+    """
+    if len(value.shape) < 2 or value.shape[-1] < 8:
+        return ops.all(ops.isfinite(value))
+    matrix = ops.reshape(value, (-1, value.shape[-1]))
+    # Zeros made from the data, not a constant a compiler could fold the
+    # product with; a NaN or Inf in that row makes the product NaN anyway.
+    zeros = matrix[0] * 0
+    return ops.isfinite(ops.sum(ops.matmul(matrix, zeros)))
+
+
+def _averaged(shadow, value, weight):
+    return shadow + ops.cast(weight, shadow.dtype) * (value - shadow)
+
+
+def blend_elementwise(kinds, shadows, values, flags: Flags, finite) -> list:
+    """One profile's new shadows, chosen with elementwise selects on scalar
+    flags: XLA fuses them into the one loop that reads each value once."""
+    take = ops.logical_and(finite, flags.due)
+    copy = ops.logical_and(finite, flags.copies_all)
+    new = []
+    for kind, shadow, value in zip(kinds, shadows, values, strict=True):
+        value = ops.cast(value, shadow.dtype)
+        if kind == Kind.AVERAGE:
+            moved = ops.where(
+                flags.copies_all, value, _averaged(shadow, value, flags.weight)
+            )
+            new.append(ops.where(take, moved, shadow))
+        elif kind == Kind.COPY:
+            new.append(ops.where(take, value, shadow))
+        else:
+            new.append(ops.where(copy, value, shadow))
+    return new
+
+
+def blend_by_branches(kinds, shadows, values, flags: Flags, finite) -> list:
+    """`blend_elementwise` with the choice made by `cond` on the scalar
+    flags: right where every op is its own pass over memory (TensorFlow
+    without XLA), since a branch not taken costs nothing."""
+    values = [ops.cast(v, s.dtype) for v, s in zip(values, shadows, strict=True)]
+
+    def averaged():
+        new = []
+        for kind, shadow, value in zip(kinds, shadows, values, strict=True):
+            if kind == Kind.AVERAGE:
+                shadow = _averaged(shadow, value, flags.weight)
+            elif kind == Kind.COPY:
+                shadow = value
+            new.append(shadow)
+        return new
+
+    def updated():
+        return ops.cond(flags.copies_all, lambda: list(values), averaged)
+
+    take = ops.logical_and(finite, flags.due)
+    return ops.cond(take, updated, lambda: list(shadows))
+
+
+Blend = Callable[..., list]
+
+
+def update_all(
+    schedules: Sequence[Schedule],
+    kinds,
+    counters,
+    shadows,
+    read_values: Callable[[], list],
+    stepped=None,
+    blend: Blend = blend_elementwise,
+):
+    """One step of every profile, the weights read (and checked) every step.
+
+    For steps known to be due: each profile still applies its own flags.
+
+    Args:
+        schedules: One schedule per profile.
+        kinds: One `Kind` per shadow (or packed group).
+        counters: `(step, skipped)` int32 scalars.
+        shadows: One list of shadow values per profile.
+        read_values: Returns the online values aligned with each profile's
+            shadows, cast as they are stored.
+        stepped: Optional boolean scalar, `False` when the optimizer did not
+            move the weights this step (nothing happens then, the counter
+            included); `None` when every step moves them.
+        blend: `blend_elementwise` or `blend_by_branches`.
+
+    Returns:
+        `((step, skipped), shadows, decays)`: the new counters, the new
+        shadows per profile, and each profile's decay at the new step.
+    """
+    step, skipped = counters
+    t = advance(step, stepped)
+    flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
+    new_shadows, skipped = _blend_profiles(
+        kinds, shadows, read_values(), flags, skipped, blend
+    )
+    return (t, skipped), new_shadows, _decays(flags)
+
+
+def update_when_due(
+    schedules: Sequence[Schedule],
+    kinds,
+    counters,
+    shadows,
+    read_values: Callable[[], list],
+    stepped=None,
+    blend: Blend = blend_elementwise,
+):
+    """`update_all` inside a `cond` on any profile being due: a step that
+    updates no profile reads no weight and writes no shadow."""
+    step, skipped = counters
+    t = advance(step, stepped)
+    flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
+
+    def due():
+        return _blend_profiles(kinds, shadows, read_values(), flags, skipped, blend)
+
+    def not_due():
+        return [list(s) for s in shadows], skipped
+
+    new_shadows, skipped = ops.cond(any_due(flags), due, not_due)
+    return (t, skipped), new_shadows, _decays(flags)
+
+
+def _blend_profiles(kinds, shadows, values, flags, skipped, blend):
+    finite = all_finite(values)
+    new = [
+        blend(kinds, profile_shadows, values, profile_flags_, finite)
+        for profile_shadows, profile_flags_ in zip(shadows, flags, strict=True)
+    ]
+    return new, skipped + ops.cast(ops.logical_not(finite), skipped.dtype)
+
+
+def _decays(flags: Sequence[Flags]) -> list:
+    return [1.0 - f.weight for f in flags]
