@@ -40,7 +40,8 @@ class ArticleEMA:
         self.no_ema = set(param_or_buffer_names_no_ema)
         self.ignore = set(ignore_names)
         self.ignore_prefixes = tuple(ignore_startswith_names)
-        self.ema = {k: np.array(v, dtype=np.float32) for k, v in online.items()}
+        # float64 weights keep float64 shadows; every other float is float32.
+        self.ema = {k: np.array(v, dtype=_shadow_dtype(v)) for k, v in online.items()}
         self.step = 0
         self.initted = False
 
@@ -52,8 +53,8 @@ class ArticleEMA:
         return min(max(value, self.min_value), self.beta)
 
     def _copy(self, online):
-        for k in self.ema:
-            self.ema[k] = np.array(online[k], dtype=np.float32)
+        for k, ema in self.ema.items():
+            self.ema[k] = np.array(online[k], dtype=ema.dtype)
 
     def update(self, online: dict) -> None:
         step = self.step
@@ -66,15 +67,15 @@ class ArticleEMA:
         if not self.initted:
             self._copy(online)
             self.initted = True
-        weight = np.float32(1.0 - self.get_current_decay())
+        weight = 1.0 - self.get_current_decay()
         for k, ema in self.ema.items():
             if k in self.ignore or k.startswith(self.ignore_prefixes or ("\0",)):
                 continue
-            value = np.asarray(online[k], dtype=np.float32)
+            value = np.asarray(online[k], dtype=ema.dtype)
             if k in self.no_ema:
                 self.ema[k] = value.copy()
                 continue
-            self.ema[k] = ema + weight * (value - ema)
+            self.ema[k] = ema + ema.dtype.type(weight) * (value - ema)
 
 
 # Rules: `rule(n, t_n, delta_n) -> float64 weight` of the n-th update (n >= 2),
@@ -154,7 +155,8 @@ class ScheduledEMA:
         self.no_ema = set(param_or_buffer_names_no_ema)
         self.ignore = set(ignore_names)
         self.ignore_prefixes = tuple(ignore_startswith_names)
-        self.ema = {k: np.array(v, dtype=np.float32) for k, v in online.items()}
+        # float64 weights keep float64 shadows; every other float is float32.
+        self.ema = {k: np.array(v, dtype=_shadow_dtype(v)) for k, v in online.items()}
         self.step = 0
         self.updates = 0
         self.last_update_step = 0
@@ -186,3 +188,7 @@ class ScheduledEMA:
                 self.ema[k] = value.copy()
                 continue
             self.ema[k] = ema + weight * (value - ema)
+
+
+def _shadow_dtype(value):
+    return np.float64 if np.asarray(value).dtype == np.float64 else np.float32

@@ -341,3 +341,21 @@ def test_one_nan_weight_among_many_skips_the_whole_update_in_fit(offload):
     assert ema.skipped_updates == 6
     assert history.history["ema_skipped"][-1] == 6
     assert_bit_equal(before, ema_values(ema))
+
+
+def test_float64_and_float32_weights_in_one_model_match_article(offload):
+    # float64 weights keep float64 shadows, the others float32, in one update.
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, name="wide", dtype="float64"),
+            keras.layers.Dense(1, name="narrow"),
+        ],
+        name="mixed",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    ema = fit_two_epochs_against_oracle(
+        model, HYPERPARAMETERS["every_3_no_delay"], {}, offload
+    )
+    stored = {w.path: ops.convert_to_numpy(w.value).dtype for w in model.weights}
+    assert {path: v.dtype for path, v in ema_values(ema).items()} == stored
