@@ -173,6 +173,19 @@ def fit_callbacks(model) -> list:
     return list(callbacks.callbacks) if callbacks is not None else []
 
 
+def fit_batch_size(model) -> int | None:
+    """The batch size of the running `fit` of `model`, or `None` where it is
+    unknown (outside `fit`, or data that batches itself).
+
+    Every trainer's `fit` keeps its `epoch_iterator` in a local; its data
+    adapter's `batch_size` is the batch size Keras uses (32 for arrays
+    without `batch_size`), which `fit` passes to no callback.
+    """
+    iterator = running_fit(model).get("epoch_iterator")
+    adapter = getattr(iterator, "data_adapter", None)
+    return getattr(adapter, "batch_size", None)
+
+
 def fit_validates(model) -> bool | None:
     """Whether the running `fit` of `model` validates; `None` if unknown."""
     names = running_fit(model)

@@ -6,6 +6,7 @@ import contextlib
 import warnings
 from collections.abc import Iterable
 from collections.abc import Iterator
+from collections.abc import Mapping
 
 import keras
 from keras import ops
@@ -14,8 +15,9 @@ from keras_ema import _internals
 from keras_ema import advice
 from keras_ema import backends
 from keras_ema import backup
+from keras_ema import profiles as profiles_
 from keras_ema import state_io
-from keras_ema.schedule import WarmupSchedule
+from keras_ema.schedule import Schedule
 from keras_ema.state import Filters
 from keras_ema.state import ShadowState
 from keras_ema.state import check_names
@@ -38,6 +40,14 @@ class EMA(keras.callbacks.Callback):
     a plain running average; `power=2/3` reaches 0.999 after about 31.6k
     steps and 0.9999 after about 1M, `power=3/4` after about 10k and 215k.
 
+    Another schedule can be given instead (`schedule=`): the article's
+    bias-corrected EMA (`BiasCorrectedSchedule`), the power-function EMA of
+    Karras et al. (`PowerFunctionSchedule`), a half-life in steps, epochs or
+    samples (`HalfLifeSchedule`). With `profiles={"fast": ..., "slow": ...}`
+    the callback keeps several averages of the same weights, all updated in
+    one fused update that reads each weight once; each is logged and
+    validated under its name.
+
     Every floating-point weight of the model is averaged, trainable or not
     (BatchNormalization statistics included), in a float32 shadow (float64
     for float64 weights). During `fit` the update runs inside the compiled
@@ -46,15 +56,17 @@ class EMA(keras.callbacks.Callback):
     `ema_skipped` log, if any online weight is NaN or infinite.
 
     In `fit` the callback logs `ema_decay` and `ema_skipped`, and with
-    validation data a `val_ema_<name>` beside every `val_<name>`, computed on
-    the same validation data with the EMA weights. These keys reach every
-    other callback. Monitor them with an explicit `mode="min"` or
-    `mode="max"`: `EarlyStopping` cannot infer the direction from the name.
+    validation data a `val_ema_<metric>` beside every `val_<metric>`,
+    computed on the same validation data with the EMA weights. With
+    `profiles`, the keys are `ema_<profile>_decay` and
+    `val_ema_<profile>_<metric>`. These keys reach every other callback.
+    Monitor them with an explicit `mode="min"` or `mode="max"`:
+    `EarlyStopping` cannot infer the direction from the name.
 
     Passed to `evaluate` or `predict`, the callback runs them with the EMA
-    weights. The model always gets its online weights back, bit for bit,
-    after `fit`, `evaluate`, `predict` or `swap_weights()`, also after an
-    exception.
+    weights (the first profile's, with `profiles`). The model always gets
+    its online weights back, bit for bit, after `fit`, `evaluate`,
+    `predict` or `swap_weights()`, also after an exception.
 
     Example:
 
@@ -96,6 +108,16 @@ class EMA(keras.callbacks.Callback):
             weights); `"ema"` evaluates only the EMA weights and logs only
             `val_ema_<name>`, for validation too costly to run twice.
             Defaults to `"both"`.
+        schedule: A schedule object (`keras_ema.WarmupSchedule`,
+            `BiasCorrectedSchedule`, `PowerFunctionSchedule`,
+            `HalfLifeSchedule`) in place of the warm-up arguments above,
+            which must then keep their defaults. Defaults to `None` (the
+            warm-up schedule of those arguments).
+        profiles: A dict of names (Python identifiers) to schedule objects:
+            several averages of the same weights, named in logs, in
+            `get_weights(profile=...)` and `swap_weights(profile=...)`.
+            Excludes `schedule` and the warm-up arguments. Defaults to
+            `None` (one unnamed average).
 
     References:
         - Karras et al., 2024, "Analyzing and Improving the Training Dynamics
@@ -116,9 +138,11 @@ class EMA(keras.callbacks.Callback):
         ignore_startswith_names: Iterable[str] = (),
         offload_to_host: bool = False,
         validate: str = "both",
+        schedule: Schedule | None = None,
+        profiles: Mapping[str, Schedule] | None = None,
     ) -> None:
         super().__init__()
-        self.schedule = WarmupSchedule(
+        warmup = dict(
             beta=beta,
             update_after_step=update_after_step,
             update_every=update_every,
@@ -126,6 +150,8 @@ class EMA(keras.callbacks.Callback):
             power=power,
             min_value=min_value,
         )
+        self._profiles = profiles_.from_arguments(warmup, schedule, profiles)
+        self.schedule = self._profiles[0][1]
         self.param_or_buffer_names_no_ema = check_names(
             "param_or_buffer_names_no_ema", param_or_buffer_names_no_ema
         )
@@ -149,6 +175,8 @@ class EMA(keras.callbacks.Callback):
         self._engine = None
         self._swaps = Swaps()
         self._undo_deferral = None
+        self._swapped_profile = 0
+        self._fit_schedules = None
         self._in_fit = False
         self._unwrap_evaluate = None
         self._warned_skipped = 0
@@ -179,9 +207,23 @@ class EMA(keras.callbacks.Callback):
         """The paths of the averaged weights, aligned with `variables`."""
         return list(self._require_state().paths)
 
-    def get_current_decay(self) -> float:
-        """The decay that the article's `get_current_decay()` returns now."""
-        return self.schedule.decay(self.step)
+    @property
+    def profile_names(self) -> list[str]:
+        """The names of the averages, in the order given (`[""]` without
+        `profiles`)."""
+        return [name for name, _ in self._profiles]
+
+    def get_current_decay(self, profile: str | None = None) -> float:
+        """The decay of a profile's schedule now (for the warm-up schedule,
+        what the article's `get_current_decay()` returns).
+
+        Args:
+            profile: A name from `profiles`; `None` for the first profile.
+                Defaults to `None`.
+        """
+        index = self._profile_index(profile)
+        step = self.step
+        return self._state.profiles[index].schedule.decay(step)
 
     def update(self) -> None:
         """One step of the article's `update()`, for use outside `fit`."""
@@ -190,15 +232,23 @@ class EMA(keras.callbacks.Callback):
         state.check_model_unchanged()
         self._engine.update()
 
-    def get_weights(self) -> list:
+    def get_weights(self, profile: str | None = None) -> list:
         """NumPy arrays aligned with `model.get_weights()`.
 
         The EMA value (cast to the weight's dtype) where a weight is tracked,
         the model's own value elsewhere, so that
         `other_model.set_weights(ema.get_weights())` works.
+
+        Args:
+            profile: A name from `profiles`; `None` for the first profile.
+                Defaults to `None`.
         """
+        index = self._profile_index(profile)
         state = self._flushed_state()
-        shadows = {id(w): s for w, s in zip(state.weights, state.shadows, strict=True)}
+        shadows = {
+            id(w): s
+            for w, s in zip(state.weights, state.profiles[index].shadows, strict=True)
+        }
         result = []
         for weight in self.model.weights:
             shadow = shadows.get(id(weight))
@@ -211,16 +261,28 @@ class EMA(keras.callbacks.Callback):
         return result
 
     @contextlib.contextmanager
-    def swap_weights(self) -> Iterator[keras.Model]:
+    def swap_weights(self, profile: str | None = None) -> Iterator[keras.Model]:
         """A context with the EMA weights in the model.
 
         On exit, also through an exception, the model gets its online weights
         back, bit for bit. Blocks nest: an inner block changes nothing, and
-        the model keeps the EMA weights until the outermost block exits.
-        Inside a block, what needs the online weights (`fit`, `update()`,
-        `copy_to_model()`) raises a `ValueError`.
+        the model keeps the EMA weights until the outermost block exits (an
+        inner block of another profile is a `ValueError`). Inside a block,
+        what needs the online weights (`fit`, `update()`, `copy_to_model()`)
+        raises a `ValueError`.
+
+        Args:
+            profile: A name from `profiles`; `None` for the first profile.
+                Defaults to `None`.
         """
-        with self._swaps.block(self.model, self._swap_in):
+        index = self._profile_index(profile)
+        if self._swaps.in_block and index != self._swapped_profile:
+            raise ValueError(
+                f"`swap_weights()` of profile {profile!r} inside a block of "
+                f"profile {self.profile_names[self._swapped_profile]!r}: the "
+                "model can hold one profile's weights at a time."
+            )
+        with self._swaps.block(self.model, lambda: self._swap_in(index)):
             yield self.model
 
     def copy_to_model(self) -> None:
@@ -259,7 +321,7 @@ class EMA(keras.callbacks.Callback):
 
     def get_config(self) -> dict:
         return {
-            **self.schedule.get_config(),
+            **profiles_.to_config(self._profiles),
             "param_or_buffer_names_no_ema": list(self.param_or_buffer_names_no_ema),
             "ignore_names": list(self.ignore_names),
             "ignore_startswith_names": list(self.ignore_startswith_names),
@@ -269,7 +331,7 @@ class EMA(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config: dict) -> EMA:
-        return cls(**config)
+        return cls(**profiles_.from_config(config))
 
     # ------------------------------------------------------------------
     # State files (also through `model.save_weights`/`load_weights`)
@@ -290,8 +352,9 @@ class EMA(keras.callbacks.Callback):
         state = self._require_state()
         self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
         self._swaps.repair(self.model)
-        for shadow, array in zip(state.shadows, arrays, strict=True):
-            shadow.assign(array)
+        for profile, profile_arrays in zip(state.profiles, arrays, strict=True):
+            for shadow, array in zip(profile.shadows, profile_arrays, strict=True):
+                shadow.assign(array)
         state.step.assign(header["step"])
         state.skipped.assign(header["skipped"])
         self._engine.reload()
@@ -343,6 +406,13 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._require_online_weights("fit")
+        self._fit_schedules = [
+            schedule.in_steps(
+                (self.params or {}).get("steps"),
+                _internals.fit_batch_size(self.model),
+            )
+            for _, schedule in self._profiles
+        ]
         if self._state is None and not self.model.built:
             # TensorFlow builds a model that was never called in its first
             # train step, after `on_train_begin`.
@@ -383,13 +453,13 @@ class EMA(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None) -> None:
         if not self._in_fit:
-            self._swaps.hook_begin(self._swap_in)
+            self._swaps.hook_begin(lambda: self._swap_in(0))
 
     def on_test_end(self, logs=None) -> None:
         self._swaps.hook_end(self.model)
 
     def on_predict_begin(self, logs=None) -> None:
-        self._swaps.hook_begin(self._swap_in)
+        self._swaps.hook_begin(lambda: self._swap_in(0))
 
     def on_predict_end(self, logs=None) -> None:
         self._swaps.hook_end(self.model)
@@ -400,7 +470,7 @@ class EMA(keras.callbacks.Callback):
     def _create_state(self) -> None:
         self._state = ShadowState(
             self.model,
-            [("", self.schedule)],
+            self._profiles,
             Filters(
                 self.param_or_buffer_names_no_ema,
                 self.ignore_names,
@@ -433,6 +503,15 @@ class EMA(keras.callbacks.Callback):
         state.check_model_unchanged()
         # A distribution may be set after the EMA was created.
         state.placement.check(state.model, state.weights)
+        if self._fit_schedules != state.schedules:
+            # A half-life in epochs or samples, in this fit's steps. The
+            # engine's compiled code holds the schedules: it is made again.
+            self._engine.flush()
+            for profile, schedule in zip(
+                state.profiles, self._fit_schedules, strict=True
+            ):
+                profile.schedule = schedule
+            self._engine = backends.make_engine(state)
         self._engine.install()
 
     def _finish_training(self) -> None:
@@ -454,25 +533,40 @@ class EMA(keras.callbacks.Callback):
         (or, with `validate="ema"`, only the EMA's)."""
         if not _internals.is_fit_validation(kwargs):
             return keras_evaluate(*args, **kwargs)
-        if self.validate == "ema":
-            with self.swap_weights():
-                return _prefixed_ema(keras_evaluate(*args, **kwargs))
-        logs = keras_evaluate(*args, **kwargs)
-        ema_kwargs = dict(kwargs, callbacks=None, verbose=0)
-        with self.swap_weights():
-            ema_logs = keras_evaluate(*args, **ema_kwargs)
-        if isinstance(logs, dict):
-            logs = {**logs, **_prefixed_ema(ema_logs)}
+        quiet = dict(kwargs, callbacks=None, verbose=0)
+        logs = {}
+        if self.validate == "both":
+            logs = keras_evaluate(*args, **kwargs)
+            if not isinstance(logs, dict):
+                return logs
+        for index, name in enumerate(self.profile_names):
+            # Without the online evaluation, the first profile's runs with
+            # `fit`'s callbacks and progress bar.
+            own = kwargs if index == 0 and self.validate == "ema" else quiet
+            with self.swap_weights(name or None):
+                ema_logs = keras_evaluate(*args, **own)
+            logs = {**logs, **_prefixed_ema(ema_logs, name)}
         return logs
 
-    def _swap_in(self) -> None:
+    def _swap_in(self, index: int) -> None:
         state = self._require_state()
         self._swaps.repair(self.model)
         state.check_model_unchanged()
         self._engine.flush()
-        self._swaps.swap_in(
-            self.model, state.weights, [shadow.value for shadow in state.shadows]
-        )
+        shadows = state.profiles[index].shadows
+        self._swaps.swap_in(self.model, state.weights, [s.value for s in shadows])
+        self._swapped_profile = index
+
+    def _profile_index(self, profile: str | None) -> int:
+        names = self.profile_names
+        if profile is None:
+            return 0
+        if profile not in names or not profile:
+            raise ValueError(
+                f"`profile` must be one of {[n for n in names if n]} or None. "
+                f"Received: profile={profile!r}"
+            )
+        return names.index(profile)
 
     def _require_online_weights(self, action: str) -> None:
         if self._swaps.in_block:
@@ -485,8 +579,8 @@ class EMA(keras.callbacks.Callback):
             self._swaps.repair(self.model)
 
 
-def _prefixed_ema(logs):
-    """`evaluate` logs renamed `ema_<name>`; `fit` adds the `val_`."""
-    if not isinstance(logs, dict):
-        return logs
-    return {f"ema_{name}": value for name, value in logs.items()}
+def _prefixed_ema(logs, profile: str = "") -> dict:
+    """`evaluate` logs renamed `ema_<metric>` (`ema_<profile>_<metric>`);
+    `fit` adds the `val_`."""
+    prefix = f"ema_{profile}_" if profile else "ema_"
+    return {f"{prefix}{name}": value for name, value in logs.items()}

@@ -36,11 +36,19 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
             in the same `fit` call; otherwise `fit` raises a `ValueError`
             before the first epoch.
         filepath: As for `ModelCheckpoint`.
+        profile: Which of the EMA's `profiles` to save; `None` for the
+            first. Defaults to `None`.
         **kwargs: Any other `ModelCheckpoint` argument (`monitor`, `mode`,
             `save_best_only`, `save_weights_only`, `save_freq`, ...).
     """
 
-    def __init__(self, ema: EMA, filepath: str | os.PathLike, **kwargs) -> None:
+    def __init__(
+        self,
+        ema: EMA,
+        filepath: str | os.PathLike,
+        profile: str | None = None,
+        **kwargs,
+    ) -> None:
         if not isinstance(ema, EMA):
             raise ValueError(
                 f"`ema` must be a `keras_ema.EMA` callback. Received: ema={ema!r}"
@@ -50,8 +58,10 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
                 "`filepath` must be a string or a path-like object. "
                 f"Received: filepath={filepath!r}"
             )
+        ema._profile_index(profile)
         super().__init__(filepath, **kwargs)
         self.ema = ema
+        self.profile = profile
 
     def on_train_begin(self, logs=None) -> None:
         # Outside a `fit` that Keras runs (a hand-built CallbackList) the
@@ -68,5 +78,5 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
         super().on_train_begin(logs)
 
     def _save_model(self, epoch, batch, logs):
-        with self.ema.swap_weights():
+        with self.ema.swap_weights(self.profile):
             _internals.model_checkpoint_save(super(), epoch, batch, logs)

@@ -160,6 +160,13 @@ class Schedule:
         before it, the EMA is a copy of the weights."""
         raise NotImplementedError
 
+    def in_steps(
+        self, steps_per_epoch: int | None = None, batch_size: int | None = None
+    ) -> Schedule:
+        """The schedule with every length in optimizer steps, given what a
+        `fit` knows; most schedules are already."""
+        return self
+
     def get_config(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -563,9 +570,12 @@ class HalfLifeSchedule(_PeriodicSchedule):
 
     def _check_in_steps(self) -> None:
         if self.unit != "steps":
+            needed = "steps per epoch" if self.unit == "epochs" else "batch size"
             raise ValueError(
-                f'`unit` must be "steps" to compute weights: a half-life in '
-                f"{self.unit} must first be converted with `in_steps()`. "
+                '`unit` must be "steps" for the schedule to give weights: a '
+                f"half-life in {self.unit} is converted to optimizer steps with "
+                f"the {needed} of a `fit`, unknown outside one (the schedule "
+                "gives weights inside `fit`, or after `in_steps()`). "
                 f"Received: unit={self.unit!r}"
             )
 
@@ -597,3 +607,29 @@ def _check_count(name: str, value, why: str) -> None:
     if value is None:
         raise ValueError(f"`{name}` must be given: {why}. Received: {name}=None")
     _check_int_at_least(name, value, 1)
+
+
+def serialize(schedule: Schedule) -> dict:
+    """`{"class_name", "config"}` of a schedule, JSON-compatible."""
+    return {"class_name": type(schedule).__name__, "config": schedule.get_config()}
+
+
+def deserialize(config) -> Schedule:
+    """The schedule that `serialize` described."""
+    classes = {
+        cls.__name__: cls
+        for cls in (
+            WarmupSchedule,
+            BiasCorrectedSchedule,
+            PowerFunctionSchedule,
+            HalfLifeSchedule,
+        )
+    }
+    if isinstance(config, Schedule):
+        return config
+    if not isinstance(config, dict) or config.get("class_name") not in classes:
+        raise ValueError(
+            "A schedule's config must be a dict with a `class_name` among "
+            f"{sorted(classes)} and a `config`. Received: {config!r}"
+        )
+    return classes[config["class_name"]].from_config(config.get("config", {}))

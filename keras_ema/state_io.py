@@ -3,9 +3,13 @@
 Layout (format version 2):
 
 - `header`: a uint8 array holding UTF-8 JSON: `{"format": "keras-ema-state",
-  "version": 2, "step", "skipped", "hyperparameters",
+  "version": 2, "step", "skipped", "hyperparameters", "profiles": [names],
   "variables": [{"path", "shape", "dtype"}, ...]}`.
-- `shadow_0`, `shadow_1`, ...: the shadows, in `variables` order.
+- `shadow_<p>_<i>`: the shadow of variable `i` in profile `p`, in `profiles`
+  and `variables` order.
+
+Version 1 files (one unnamed profile, `shadow_<i>`, and the article's
+`initted` flag, which the step counter determines) are read too.
 
 Files are read with `allow_pickle=False`, so an object array or a pickle
 raises instead of executing anything; zip CRCs catch flipped bytes. Writes go
@@ -52,14 +56,16 @@ def save(path: str, state, hyperparameters: dict) -> None:
         "step": _scalar(state.step),
         "skipped": _scalar(state.skipped),
         "hyperparameters": hyperparameters,
+        "profiles": [profile.name for profile in state.profiles],
         "variables": [
             {"path": p, "shape": list(s.shape), "dtype": _dtype(s)}
             for p, s in zip(state.paths, state.shadows, strict=True)
         ],
     }
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
-    for index, shadow in enumerate(state.shadows):
-        arrays[f"shadow_{index}"] = ops.convert_to_numpy(shadow.value)
+    for p, profile in enumerate(state.profiles):
+        for i, shadow in enumerate(profile.shadows):
+            arrays[_entry(header, p, i)] = ops.convert_to_numpy(shadow.value)
     handle, temporary = _create_temporary_beside(path)
     try:
         with os.fdopen(handle, "wb") as file:
@@ -116,11 +122,14 @@ def read(path: str) -> tuple[dict, list]:
                 raise ValueError("it has no `header` entry")
             header = json.loads(bytes(archive["header"]).decode())
             _check_header(header)
-            count = len(header["variables"])
-            expected = {"header"} | {f"shadow_{i}" for i in range(count)}
+            entries = [
+                [_entry(header, p, i) for i in range(len(header["variables"]))]
+                for p in range(len(_profiles(header)))
+            ]
+            expected = {"header"} | {name for row in entries for name in row}
             if names != expected:
                 raise ValueError(f"entries {sorted(names ^ expected)} do not fit")
-            arrays = [archive[f"shadow_{i}"] for i in range(count)]
+            arrays = [[archive[name] for name in row] for row in entries]
     except FileNotFoundError:
         raise StateFileNotFoundError(
             errno.ENOENT, "The keras_ema state file does not exist", os.fspath(path)
@@ -137,24 +146,34 @@ def read(path: str) -> tuple[dict, list]:
             f"{path!r} is not a valid keras_ema state file (unreadable, truncated "
             f"or corrupt): {type(error).__name__}: {error}"
         ) from None
-    for spec, array in zip(header["variables"], arrays, strict=True):
-        if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
-            raise ValueError(
-                f"{path!r} is corrupt: variable {spec['path']!r} is stored with "
-                f"shape {list(array.shape)} and dtype {array.dtype}, but its "
-                f"header says {spec['shape']} and {spec['dtype']}."
-            )
+    for row in arrays:
+        for spec, array in zip(header["variables"], row, strict=True):
+            if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
+                raise ValueError(
+                    f"{path!r} is corrupt: variable {spec['path']!r} is stored "
+                    f"with shape {list(array.shape)} and dtype {array.dtype}, "
+                    f"but its header says {spec['shape']} and {spec['dtype']}."
+                )
     return header, arrays
 
 
 def match(header: dict, arrays: list, state, path: str) -> list:
-    """Pairs the file's shadows with the state's; raises on any mismatch.
+    """Pairs the file's shadows with the state's (one list per profile);
+    raises on any mismatch.
 
     The pairing is by position, as Keras pairs the entries of a
     `.weights.h5` file with a model's weights (by the model's structure, not
     by layer names); each pair must have the same shape and dtype, and
     paths that `_same_weight` accepts.
     """
+    saved_profiles = _profiles(header)
+    profiles = [profile.name for profile in state.profiles]
+    if saved_profiles != profiles:
+        raise ValueError(
+            f"{path!r} holds the EMA profiles {saved_profiles} but the callback "
+            f"has {profiles} (names in order; an EMA without `profiles` has "
+            "one profile, named '')."
+        )
     saved = header["variables"]
     if len(saved) != len(state.paths):
         saved_paths = [v["path"] for v in saved]
@@ -219,6 +238,16 @@ def _matched(path: str, others) -> bool:
     return any(_same_weight(path, other) for other in others)
 
 
+def _profiles(header: dict) -> list[str]:
+    return header.get("profiles", [""])
+
+
+def _entry(header: dict, profile: int, index: int) -> str:
+    if header["version"] == 1:
+        return f"shadow_{index}"
+    return f"shadow_{profile}_{index}"
+
+
 def _check_header(header) -> None:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("its header does not name the keras-ema-state format")
@@ -240,6 +269,14 @@ def _check_header(header) -> None:
         raise ValueError("its `variables` list is malformed")
     if not isinstance(header.get("hyperparameters"), dict):
         raise ValueError("its `hyperparameters` are malformed")
+    profiles = header.get("profiles", [""] if version == 1 else None)
+    if (
+        not isinstance(profiles, list)
+        or not profiles
+        or not all(isinstance(name, str) for name in profiles)
+        or len(set(profiles)) != len(profiles)
+    ):
+        raise ValueError("its `profiles` list is malformed")
 
 
 def _scalar(variable) -> int:

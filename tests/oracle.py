@@ -173,21 +173,20 @@ class ScheduledEMA:
         delta = self.step - self.last_update_step
         self.last_update_step = self.step
         if self.updates == 1:
-            for k in self.ema:
-                self.ema[k] = np.array(online[k], dtype=np.float32)
+            for k, ema in self.ema.items():
+                self.ema[k] = np.array(online[k], dtype=ema.dtype)
             self.decay = 0.0
             return
         weight = self.rule(self.updates, self.step, delta)
         self.decay = 1.0 - weight
-        weight = np.float32(weight)
         for k, ema in self.ema.items():
             if k in self.ignore or k.startswith(self.ignore_prefixes or ("\0",)):
                 continue
-            value = np.asarray(online[k], dtype=np.float32)
+            value = np.asarray(online[k], dtype=ema.dtype)
             if k in self.no_ema:
                 self.ema[k] = value.copy()
                 continue
-            self.ema[k] = ema + weight * (value - ema)
+            self.ema[k] = ema + ema.dtype.type(weight) * (value - ema)
 
 
 def _shadow_dtype(value):

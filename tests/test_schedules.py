@@ -544,9 +544,11 @@ ORACLE_CASES = [
 )
 def test_the_oracle_replays_the_schedule(schedule, rule):
     rng = np.random.default_rng(2)
+    # float32 weights, float32 shadows (float64 weights keep float64 ones).
     online = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=4)}
+    online = {k: v.astype(np.float32) for k, v in online.items()}
     ema = oracle.ScheduledEMA(online, rule, update_every=schedule.update_every)
-    values = rng.normal(size=(600, 10))
+    values = rng.normal(size=(600, 10)).astype(np.float32)
     for t, row in enumerate(values, start=1):
         ema.update({"a": row[:6].reshape(3, 2), "b": row[6:]})
         assert ema.get_current_decay() == pytest.approx(schedule.decay(t), rel=1e-9)
