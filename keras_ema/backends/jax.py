@@ -16,7 +16,6 @@ import functools
 import itertools
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 
@@ -34,8 +33,12 @@ from keras_ema.packing import Packing
 
 
 def fresh_copy(value, dtype):
-    """A copy of `value` cast to `dtype` that shares no buffer with it."""
-    return jnp.array(value, dtype=dtype, copy=True)
+    """A copy of `value` cast to `dtype` that shares no buffer with it.
+
+    `device_put` copies without compiling anything; `jnp.array(copy=True)`
+    would compile a copy for every new shape."""
+    copy = jax.device_put(value, value.sharding, may_alias=False)
+    return copy if copy.dtype == dtype else copy.astype(dtype)
 
 
 def copy_for_weight(value, weight):
@@ -186,6 +189,15 @@ def _committed(tree):
     return jax.tree.map(commit, tree)
 
 
+def _as_vector(sharding):
+    """A fully replicated sharding for a rank-1 array on the same devices."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(None)
+        )
+    return sharding
+
+
 def _replicated(shadow):
     sharding = shadow.value.sharding
     return sharding if sharding.is_fully_replicated else None
@@ -225,8 +237,6 @@ class Engine(base.Engine):
     def __init__(self, state):
         super().__init__(state)
         self.packing = Packing(state.shadows, state.kinds, _replicated)
-        # One dispatch for all the slices; the outputs are new buffers.
-        self._unpack = jax.jit(lambda packed: [self.packing.unpack(p) for p in packed])
         self._arrays = None
         self._pending = 0
         self._host = None
@@ -241,17 +251,25 @@ class Engine(base.Engine):
         if self._arrays is None:
             state = self.state
             counters = [_committed_copy(v.value) for v in state.counters]
-            shadows = []
-            for profile in state.profiles:
-                packed = self.packing.pack([s.value for s in profile.shadows])
-                shadows.append(
-                    [
-                        _committed(array) if flat else _committed_copy(array)
-                        for array, flat in zip(packed, self.packing.flat, strict=True)
-                    ]
-                )
+            shadows = [self._packed(profile.shadows) for profile in state.profiles]
             self._arrays = (counters, shadows)
         return self._arrays
+
+    def _packed(self, shadows) -> list:
+        """One profile's shadows packed, compiling nothing: packed groups
+        (small by construction) are concatenated on the host and placed like
+        their shadows, the others copied on their own devices. Eager packing
+        would compile a reshape per shape and a concatenate per group."""
+        packed = []
+        for group, flat in zip(self.packing.groups, self.packing.flat, strict=True):
+            first = shadows[group[0]].value
+            if not flat:
+                packed.append(_committed_copy(first))
+                continue
+            parts = [np.asarray(jax.device_get(shadows[i].value)) for i in group]
+            flat_value = np.concatenate([part.reshape(-1) for part in parts])
+            packed.append(jax.device_put(flat_value, _as_vector(first.sharding)))
+        return packed
 
     def flush(self) -> None:
         if self._arrays is None:
@@ -259,11 +277,35 @@ class Engine(base.Engine):
         state = self.state
         (step, skipped), shadows = self._arrays
         # Copies: the arrays stay the loop's to donate.
-        state.step.assign(step + self._pending)
-        state.skipped.assign(fresh_copy(skipped, skipped.dtype))
-        for profile, values in zip(state.profiles, self._unpack(shadows), strict=True):
+        state.step.assign(int(jax.device_get(step)) + self._pending)
+        state.skipped.assign(_committed_copy(skipped))
+        for profile, packed in zip(state.profiles, shadows, strict=True):
+            values = self._unpacked(packed)
             for shadow, value in zip(profile.shadows, values, strict=True):
                 shadow.assign(value)
+
+    def _unpacked(self, packed) -> list:
+        """Each shadow's value from one profile's packed arrays, compiling
+        nothing: packed groups (small by construction) are sliced on the
+        host, the others copied on their own devices. A jitted unpack would
+        be compiled at the end of every model's first `fit`."""
+        packing = self.packing
+        values = [None] * len(packing.shapes)
+        for group, flat, array in zip(
+            packing.groups, packing.flat, packed, strict=True
+        ):
+            if not flat:
+                values[group[0]] = _committed_copy(array)
+                continue
+            host = np.asarray(jax.device_get(array))
+            offset = 0
+            for index in group:
+                size = int(np.prod(packing.shapes[index]))
+                values[index] = host[offset : offset + size].reshape(
+                    packing.shapes[index]
+                )
+                offset += size
+        return values
 
     def reload(self) -> None:
         self._arrays = None
