@@ -42,6 +42,33 @@ just before the model was built). That includes compilation memory, temporaries
 and allocator noise: read it for big differences only (the ``big_mlp`` shadow is
 42 MiB).
 
+Cold mode (``--cold``): what a user's first ``fit`` of a fresh model costs, tracing
+and compiling included. Each measurement builds and compiles a fresh model and
+creates a fresh callback (neither timed), then times the whole ``fit`` of
+``--epochs`` epochs (default 4) of ``--steps`` steps (default 50) with
+``time.perf_counter``, until the backend's queued work is done, as above. On JAX the
+in-process compilation caches are cleared first (``jax.clear_caches()``), so that
+every measurement compiles what a new process would, Keras' small eager ops
+included. Before the first shape each mode runs one short untimed cold ``fit``, so
+that what a process does only once (lazy imports, thread pools) falls on no mode.
+The modes are interleaved and the minimum of each number per mode kept:
+
+* ``fit_ms``: the whole ``fit``;
+* ``first_step_ms``: up to the end of the first step (set-up, tracing, compiling);
+* ``steady_ms_per_step``: from the start of the second epoch to the end of the last,
+  per step (with one epoch: from batch 3);
+* ``end_ms``: from the end of the last epoch to the end (Keras' and the callbacks'
+  end of ``fit``, and what they compile there).
+
+Ratios: each keras_ema mode over ``builtin`` and over ``none``, for ``fit_ms``
+(``fit_ratios``) and ``steady_ms_per_step`` (``steady_ratios``). On JAX,
+``compiles`` lists, for each mode's fastest ``fit``, every function traced, lowered
+to MLIR and compiled by XLA (from ``jax.monitoring``'s duration events, the ones
+``jax_log_compiles`` logs), with the phase of ``fit`` it happened in (``setup``
+before the first epoch, ``epoch N``, ``end`` after the last epoch): Keras'
+``train_step`` beside the EMA's ``fused_step``, and what the EMA compiles at the end
+of ``fit``. ``compile_ms`` is their total per mode.
+
 ``other_cpu_s`` is the CPU time that other processes used during a shape's run: the
 machine has 2 cores, and numbers taken while it is well above 0 are not comparable.
 
@@ -49,6 +76,8 @@ Usage (one backend per process)::
 
     KERAS_BACKEND=jax python benchmarks/overhead.py [--quick] [--shapes a,b]
         [--modes none,builtin,...] [--repeats 5] [--rss] [--json-out results.jsonl]
+    KERAS_BACKEND=jax python benchmarks/overhead.py --cold [--epochs 4] [--steps 50]
+        [--shapes a,b] [--modes none,builtin,keras_ema] [--repeats 5]
 
 Every shape prints a table and one line ``JSON {...}``.
 """
@@ -294,14 +323,15 @@ def _fit(
     shape: Shape,
     data: tuple[np.ndarray, np.ndarray],
     callbacks: list[keras.callbacks.Callback],
+    epochs: int = 1,
 ) -> None:
-    """One epoch over ``data``, no shuffling, no output."""
+    """``epochs`` epochs over ``data``, no shuffling, no output."""
     x, y = data
     model.fit(
         x,
         y,
         batch_size=shape.batch,
-        epochs=1,
+        epochs=epochs,
         shuffle=False,
         verbose=0,
         callbacks=callbacks,
@@ -458,6 +488,298 @@ def print_table(result: dict[str, Any]) -> None:
         )
 
 
+# --------------------------------------------------------------------------
+# Cold mode: the first `fit` of a fresh model, tracing and compiling included
+
+COLD_EPOCHS = 4
+COLD_STEPS = 50
+# JAX's duration events for the three stages of compiling one jitted function.
+JAX_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
+COLD_METRICS = ("fit_ms", "first_step_ms", "steady_ms_per_step", "end_ms")
+
+
+class CompileLog:
+    """The JAX functions traced, lowered and compiled while a phase is set.
+
+    It listens to ``jax.monitoring``'s duration events, the ones behind
+    ``jax_log_compiles``' "Finished tracing / jaxpr to MLIR module conversion /
+    XLA compilation of ... in ... sec" messages (JAX emits them whether or not
+    those messages are logged). ``phase`` names where in ``fit`` they happen
+    (set by `ColdClock`); ``None`` records nothing. On other backends it
+    records nothing.
+    """
+
+    def __init__(self) -> None:
+        self.phase: str | None = None
+        self.events: list[tuple[str, str, str, float]] = []
+        if keras.backend.backend() == "jax":
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **kwargs: Any) -> None:
+        stage = JAX_COMPILE_EVENTS.get(event)
+        if stage is None or self.phase is None:
+            return
+        # Tracing names the Python function, lowering and compiling its
+        # module: `jit(name)`.
+        name = str(kwargs.get("fun_name", "?"))
+        if name.startswith("jit(") and name.endswith(")"):
+            name = name[4:-1]
+        self.events.append((self.phase, name, stage, duration))
+
+    def start(self) -> None:
+        self.events = []
+        self.phase = "setup"
+
+    def stop(self) -> list[dict[str, Any]]:
+        """The events since `start`, one entry per phase and function."""
+        self.phase = None
+        table: dict[tuple[str, str], dict[str, Any]] = {}
+        for phase, name, stage, duration in self.events:
+            entry = table.setdefault(
+                (phase, name),
+                {"phase": phase, "function": name, "compiles": 0}
+                | {f"{s}_ms": 0.0 for s in JAX_COMPILE_EVENTS.values()},
+            )
+            entry[f"{stage}_ms"] += 1000.0 * duration
+            entry["compiles"] += stage == "compile"
+        return list(table.values())
+
+
+def compile_ms(entries: list[dict[str, Any]]) -> float:
+    """Tracing, lowering and compiling time of a `CompileLog.stop` list."""
+    stages = [f"{s}_ms" for s in JAX_COMPILE_EVENTS.values()]
+    return sum(e[s] for e in entries for s in stages)
+
+
+def wait_for_steps(model: keras.Model) -> float:
+    """``time.perf_counter()`` once the steps dispatched so far have run.
+
+    On JAX it blocks on the train state Keras keeps in the private
+    ``model._jax_state`` (see `StepClock`).
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        state = getattr(model, "_jax_state", None) or {}
+        jax.block_until_ready([a for group in state.values() for a in group])
+    return time.perf_counter()
+
+
+class ColdClock(keras.callbacks.Callback):
+    """Stamps within a cold ``fit`` of ``epochs`` epochs, and its compile phases.
+
+    ``first_step``: when batch 1 of the first epoch begins (``fit``'s set-up,
+    tracing, compiling and first step are done). ``steady_start``: when the
+    second epoch begins (with one epoch, batch ``STARTUP_STEPS`` of it).
+    ``last_epoch_end``: when the last epoch ends. Like `StepClock` it waits for
+    the steps dispatched so far before each stamp, and overrides no
+    ``*_batch_end`` hook.
+    """
+
+    def __init__(self, model: keras.Model, epochs: int, compiles: CompileLog) -> None:
+        super().__init__()
+        self.fitted = model
+        self.epochs = epochs
+        self.compiles = compiles
+        self.steady_epoch, self.steady_batch = (
+            (1, 0) if epochs > 1 else (0, STARTUP_STEPS)
+        )
+        self.epoch = 0
+        self.first_step = self.steady_start = self.last_epoch_end = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+        self.compiles.phase = f"epoch {epoch}"
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self.epoch == 0 and batch == 1:
+            self.first_step = wait_for_steps(self.fitted)
+        if self.epoch == self.steady_epoch and batch == self.steady_batch:
+            self.steady_start = wait_for_steps(self.fitted)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if epoch == self.epochs - 1:
+            self.last_epoch_end = wait_for_steps(self.fitted)
+            self.compiles.phase = "end"
+
+
+def measure_cold(
+    shape: Shape, mode: str, epochs: int, steps: int, compiles: CompileLog
+) -> dict[str, Any]:
+    """Build a fresh model and callback, then time its first ``fit``, whole.
+
+    Returns ``fit_ms`` (the ``fit`` call until the backend's queued work is
+    done), ``first_step_ms`` (up to the end of the first step),
+    ``steady_ms_per_step`` (from `ColdClock`'s ``steady_start`` to the end of
+    the last epoch, per step), ``end_ms`` (from the end of the last epoch to
+    the end: Keras' and the callbacks' end of ``fit``), the JAX ``compiles``
+    and the model's sizes.
+    """
+    if keras.backend.backend() == "jax":
+        import jax
+
+        # What earlier measurements compiled (Keras' eager ops) is compiled
+        # again, as in a new process; building the model is not timed.
+        jax.clear_caches()
+    model = build_model(shape, mode)
+    callbacks = make_callbacks(mode)
+    data = make_data(shape, steps)
+    clock = ColdClock(model, epochs, compiles)
+    compiles.start()
+    start = time.perf_counter()
+    _fit(model, shape, data, [*callbacks, clock], epochs)
+    wait_for_device(model, callbacks)
+    end = time.perf_counter()
+    steady_steps = (epochs - clock.steady_epoch) * steps - clock.steady_batch
+    return {
+        "fit_ms": 1000.0 * (end - start),
+        "first_step_ms": 1000.0 * (clock.first_step - start),
+        "steady_ms_per_step": 1000.0
+        * (clock.last_epoch_end - clock.steady_start)
+        / steady_steps,
+        "end_ms": 1000.0 * (end - clock.last_epoch_end),
+        "compiles": compiles.stop(),
+        "params": model.count_params(),
+        "variables": len(model.variables),
+    }
+
+
+def run_shape_cold(
+    shape: Shape,
+    modes: list[str],
+    repeats: int,
+    epochs: int,
+    steps: int,
+    compiles: CompileLog,
+    first_in_process: bool,
+) -> dict[str, Any]:
+    """Interleave cold ``fit``s of the modes ``repeats`` times; keep the minima.
+
+    The compiles reported for a mode are those of its fastest ``fit``. In a
+    new process, each mode first runs one short cold ``fit``, untimed, so that
+    what a process does only once (lazy imports, thread pools, kernels used
+    for the first time) is charged to no mode.
+    """
+    if first_in_process:
+        for mode in modes:
+            measure_cold(shape, mode, 1, STARTUP_STEPS + 1, compiles)
+    runs: dict[str, dict[str, list[float]]] = {
+        k: {m: [] for m in modes} for k in COLD_METRICS
+    }
+    fastest: dict[str, dict[str, Any]] = {}
+    for _ in range(repeats):
+        for mode in modes:
+            info = measure_cold(shape, mode, epochs, steps, compiles)
+            for key in COLD_METRICS:
+                runs[key][mode].append(info[key])
+            if mode not in fastest or info["fit_ms"] < fastest[mode]["fit_ms"]:
+                fastest[mode] = info
+    first = fastest[modes[0]]
+    result: dict[str, Any] = {
+        "backend": keras.backend.backend(),
+        "shape": shape.name,
+        "cold": True,
+        "params": first["params"],
+        "variables": first["variables"],
+        "batch": shape.batch,
+        "epochs": epochs,
+        "steps_per_epoch": steps,
+        "repeats": repeats,
+    }
+    for key in COLD_METRICS:
+        result[key] = {m: min(t) for m, t in runs[key].items()}
+    result["fit_ratios"] = _mode_ratios(result["fit_ms"])
+    result["steady_ratios"] = _mode_ratios(result["steady_ms_per_step"])
+    result["fit_ms_all"] = runs["fit_ms"]
+    if keras.backend.backend() == "jax":
+        result["compile_ms"] = {m: compile_ms(fastest[m]["compiles"]) for m in modes}
+        result["compiles"] = {m: fastest[m]["compiles"] for m in modes}
+    return result
+
+
+def _mode_ratios(best: dict[str, float]) -> dict[str, float]:
+    """Each keras_ema mode over ``builtin`` and over ``none``."""
+    ratios = {}
+    for mode in best:
+        if mode.startswith("keras_ema"):
+            for base in ("builtin", "none"):
+                if base in best:
+                    ratios[f"{mode}_over_{base}"] = best[mode] / best[base]
+    return ratios
+
+
+def print_cold_table(result: dict[str, Any]) -> None:
+    """A readable table of one shape's cold result, and its JAX compiles."""
+    print(
+        f"\n[{result['backend']}] {result['shape']} (cold): {result['params']:,} "
+        f"params, {result['variables']} variables, batch {result['batch']}, "
+        f"{result['epochs']} epochs x {result['steps_per_epoch']} steps, "
+        f"{result['repeats']} repeats (minima)"
+    )
+    jax_compiles = "compile_ms" in result
+    print(
+        f"  {'mode':<26} {'fit ms':>9} {'1st step':>9} {'steady':>9} {'end ms':>8}"
+        f"{' compile' if jax_compiles else ''}  all fit ms"
+    )
+    for mode, best in result["fit_ms"].items():
+        line = (
+            f"  {mode:<26} {best:>9.1f} {result['first_step_ms'][mode]:>9.1f} "
+            f"{result['steady_ms_per_step'][mode]:>9.4f} {result['end_ms'][mode]:>8.1f}"
+        )
+        if jax_compiles:
+            line += f" {result['compile_ms'][mode]:>7.1f}"
+        all_runs = " ".join(f"{t:.1f}" for t in result["fit_ms_all"][mode])
+        print(f"{line}  {all_runs}")
+    for label, key in (("fit", "fit_ratios"), ("steady", "steady_ratios")):
+        ratios = result[key]
+        print(
+            f"  ratios ({label}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items())
+        )
+    if jax_compiles:
+        print_compiles(result["compiles"])
+    if "other_cpu_s" in result:
+        print(
+            f"  wall {result['wall_s']} s; CPU used by other processes meanwhile: "
+            f"{result['other_cpu_s']} s (should be near 0)"
+        )
+
+
+def print_compiles(compiles: dict[str, list[dict[str, Any]]]) -> None:
+    """Per mode, the functions JAX traced and compiled in the fastest cold ``fit``.
+
+    Phase by phase, in order; functions that took under 1 ms in all are
+    summed on one line per phase.
+    """
+    print("  JAX compiles (ms: trace + lower + compile = total, then how many):")
+    for mode, entries in compiles.items():
+        print(f"    {mode}:")
+        phases: dict[str, list[dict[str, Any]]] = {}
+        for entry in entries:
+            phases.setdefault(entry["phase"], []).append(entry)
+        for phase, group in phases.items():
+            small = []
+            for e in group:
+                total = compile_ms([e])
+                if total < 1.0:
+                    small.append(total)
+                    continue
+                print(
+                    f"      {phase:<8} {e['function']:<28} {e['trace_ms']:>7.1f} + "
+                    f"{e['lower_ms']:>6.1f} + {e['compile_ms']:>7.1f} = "
+                    f"{total:>7.1f}  x{e['compiles']}"
+                )
+            if small:
+                label = f"{len(small)} more, under 1 ms each"
+                print(f"      {phase:<8} {label:<47} {sum(small):>7.1f}")
+
+
 def other_cpu_seconds() -> float:
     """CPU seconds used machine-wide (``/proc/stat``) minus this process and children.
 
@@ -506,7 +828,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="interleaved rounds per shape; the minimum is kept (default 5)",
     )
     parser.add_argument(
-        "--steps", type=int, default=0, help="timed steps per fit (default: per shape)"
+        "--steps",
+        type=int,
+        default=0,
+        help="timed steps per fit (default: per shape); "
+        f"--cold: steps per epoch (default {COLD_STEPS})",
     )
     parser.add_argument(
         "--quick",
@@ -517,6 +843,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rss",
         action="store_true",
         help="also measure peak-RSS growth, one child process per mode",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="time each mode's first fit of a fresh model, compiling included",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=COLD_EPOCHS,
+        help=f"--cold: epochs per fit (default {COLD_EPOCHS})",
     )
     parser.add_argument(
         "--json-out", default="", help="append the JSON lines to this file"
@@ -540,16 +877,42 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown or args.repeats < 1:
         raise SystemExit(f"bad --modes {unknown} or --repeats {args.repeats}")
+    if args.cold:
+        cold_steps = args.steps or COLD_STEPS
+        if (
+            args.epochs < 1
+            or cold_steps < 2
+            or (args.epochs == 1 and cold_steps <= STARTUP_STEPS)
+        ):
+            raise SystemExit(
+                f"--cold needs --epochs >= 1 and --steps >= 2 (> {STARTUP_STEPS} "
+                f"with one epoch); received --epochs {args.epochs} --steps "
+                f"{cold_steps}"
+            )
+        if args.rss:
+            raise SystemExit("--rss measures the warm mode only; drop --cold or --rss")
+        compiles = CompileLog()  # one listener for the whole run
     env = environment()
     print("environment: " + json.dumps(env))
     for shape in shapes:
-        steps = args.steps or (shape.quick_steps if args.quick else shape.steps)
         start, other_before = time.perf_counter(), other_cpu_seconds()
-        result = run_shape(shape, modes, args.repeats, steps, args.rss)
+        if args.cold:
+            result = run_shape_cold(
+                shape,
+                modes,
+                args.repeats,
+                args.epochs,
+                cold_steps,
+                compiles,
+                first_in_process=shape is shapes[0],
+            )
+        else:
+            steps = args.steps or (shape.quick_steps if args.quick else shape.steps)
+            result = run_shape(shape, modes, args.repeats, steps, args.rss)
         result["environment"] = env
         result["wall_s"] = round(time.perf_counter() - start, 1)
         result["other_cpu_s"] = round(other_cpu_seconds() - other_before, 1)
-        print_table(result)
+        (print_cold_table if args.cold else print_table)(result)
         line = json.dumps(result)
         print("JSON " + line, flush=True)
         if args.json_out:
