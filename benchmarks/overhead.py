@@ -1,13 +1,17 @@
 """Per-step cost of weight EMA in ``keras.Model.fit``, for one Keras backend.
 
-Six modes are timed on synthetic data, for several model shapes:
+Eight modes are timed on synthetic data, for several model shapes:
 
 * ``none``: plain ``fit`` with Adam, no EMA;
 * ``builtin``: Keras' own optimizer flag, ``Adam(use_ema=True, ema_momentum=0.999)``;
 * ``keras_ema``: ``keras_ema.EMA(update_every=1, update_after_step=0)`` as a callback;
 * ``keras_ema_every10``: the same with ``update_every=10``;
 * ``keras_ema_offload`` and ``keras_ema_offload_every10``: the two above with
-  ``offload_to_host=True`` (shadows in host memory, updated on the CPU).
+  ``offload_to_host=True`` (shadows in host memory, updated on the CPU);
+* ``keras_ema_2profiles`` and ``keras_ema_4profiles``: one callback keeping 2 (4)
+  averages, ``keras_ema.EMA(profiles={"p0": ..., "p1": ...})`` of
+  ``keras_ema.WarmupSchedule(update_after_step=0, update_every=1, beta=b)`` with
+  ``b`` 0.999, 0.9999 (then 0.99, 0.9995).
 
 Each measurement builds and compiles a fresh model (same seed), runs a short warm-up
 ``fit`` of 12 steps (so that the first tracing and compilation are not timed), then
@@ -27,8 +31,13 @@ The modes are interleaved (none, builtin, keras_ema, keras_ema_every10, none, ..
 for ``--repeats`` rounds and the minimum of each number per mode is kept; the ratios
 (``keras_ema_over_builtin``, ``keras_ema_over_none``, ``builtin_over_none``,
 ``every10_over_none``, ``offload_over_keras_ema``, ``offload_over_none``,
-``offload_every10_over_none``) are computed from those minima, for ``ms_per_step``
-at the top level of the JSON and for ``steady_ms_per_step`` under ``steady_ratios``.
+``offload_every10_over_none``, ``2profiles_over_builtin``, ``4profiles_over_builtin``)
+are computed from those minima, for ``ms_per_step`` at the top level of the JSON and
+for ``steady_ms_per_step`` under ``steady_ratios``. So is what each profile adds,
+``{K}profiles_marginal`` = ``(kprofiles - none) / (K * (keras_ema - none))`` for
+K = 2 and 4: 1 when K profiles cost K times the one of ``keras_ema``, less when they
+share work (the weights are read once for all); ``null`` when ``keras_ema`` was not
+slower than ``none``.
 
 Memory: ``state_bytes`` is the bytes held in the optimizer's variables plus the
 EMA callback's shadow variables (``keras_ema.EMA.variables``) after the timed ``fit``,
@@ -60,8 +69,9 @@ The modes are interleaved and the minimum of each number per mode kept:
 * ``end_ms``: from the end of the last epoch to the end (Keras' and the callbacks'
   end of ``fit``, and what they compile there).
 
-Ratios: each keras_ema mode over ``builtin`` and over ``none``, for ``fit_ms``
-(``fit_ratios``) and ``steady_ms_per_step`` (``steady_ratios``). On JAX,
+Ratios: each keras_ema mode over ``builtin`` and over ``none``, and the profiles'
+marginal costs, for ``fit_ms`` (``fit_ratios``) and ``steady_ms_per_step``
+(``steady_ratios``). On JAX,
 ``compiles`` lists, for each mode's fastest ``fit``, every function traced, lowered
 to MLIR and compiled by XLA (from ``jax.monitoring``'s duration events, the ones
 ``jax_log_compiles`` logs), with the phase of ``fit`` it happened in (``setup``
@@ -110,6 +120,8 @@ MODES: tuple[str, ...] = (
     "keras_ema_every10",
     "keras_ema_offload",
     "keras_ema_offload_every10",
+    "keras_ema_2profiles",
+    "keras_ema_4profiles",
 )
 # Each keras_ema mode: (update_every, offload_to_host).
 KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
@@ -118,6 +130,9 @@ KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
     "keras_ema_offload": (1, True),
     "keras_ema_offload_every10": (10, True),
 }
+# Each profiles mode: how many profiles, named p0, p1, ..., of these betas.
+PROFILE_MODES: dict[str, int] = {"keras_ema_2profiles": 2, "keras_ema_4profiles": 4}
+PROFILE_BETAS = (0.999, 0.9999, 0.99, 0.9995)
 LEARNING_RATE = 1e-3
 BUILTIN_MOMENTUM = 0.999
 WARMUP_STEPS = 12  # covers a keras_ema_every10 averaging step (step 10) as well
@@ -214,6 +229,16 @@ def make_data(shape: Shape, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
     """The callbacks a mode passes to ``fit`` (the EMA callback, if any)."""
+    if mode in PROFILE_MODES:
+        import keras_ema
+
+        schedules = {
+            f"p{i}": keras_ema.WarmupSchedule(
+                beta=beta, update_after_step=0, update_every=1
+            )
+            for i, beta in enumerate(PROFILE_BETAS[: PROFILE_MODES[mode]])
+        }
+        return [keras_ema.EMA(profiles=schedules)]
     if mode not in KERAS_EMA_MODES:
         return []
     import keras_ema
@@ -437,7 +462,7 @@ def run_shape(
     return result
 
 
-def _ratios(best: dict[str, float]) -> dict[str, float]:
+def _ratios(best: dict[str, float]) -> dict[str, float | None]:
     """The overhead ratios computable from the modes that were run."""
     pairs = {
         "keras_ema_over_builtin": ("keras_ema", "builtin"),
@@ -448,9 +473,38 @@ def _ratios(best: dict[str, float]) -> dict[str, float]:
         "offload_over_none": ("keras_ema_offload", "none"),
         "offload_every10_over_none": ("keras_ema_offload_every10", "none"),
     }
-    return {
+    ratios = {
         k: best[a] / best[b] for k, (a, b) in pairs.items() if a in best and b in best
     }
+    return ratios | _profile_ratios(best)
+
+
+def _profile_ratios(best: dict[str, float]) -> dict[str, float | None]:
+    """The profiles modes over ``builtin``, and what K profiles add.
+
+    ``{K}profiles_marginal`` is ``(kprofiles - none) / (K * (keras_ema - none))``:
+    1 when each profile costs what the one of ``keras_ema`` does, less when
+    the profiles share work (they read the weights once). ``None`` when
+    ``keras_ema`` was not slower than ``none``.
+    """
+    ratios: dict[str, float | None] = {}
+    for mode, k in PROFILE_MODES.items():
+        if mode not in best:
+            continue
+        if "builtin" in best:
+            ratios[f"{k}profiles_over_builtin"] = best[mode] / best["builtin"]
+        if "none" in best and "keras_ema" in best:
+            one = best["keras_ema"] - best["none"]
+            added = best[mode] - best["none"]
+            ratios[f"{k}profiles_marginal"] = added / (k * one) if one > 0 else None
+    return ratios
+
+
+def format_ratios(ratios: dict[str, float | None]) -> str:
+    """``name value, ...``; ``n/a`` for a ratio that could not be computed."""
+    return ", ".join(
+        f"{k} {'n/a' if v is None else format(v, '.4f')}" for k, v in ratios.items()
+    )
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -480,7 +534,7 @@ def print_table(result: dict[str, Any]) -> None:
         ("ratios (ms/step)", _ratios(result["ms_per_step"])),
         ("ratios (steady) ", result["steady_ratios"]),
     ):
-        print(f"  {label}: " + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items()))
+        print(f"  {label}: {format_ratios(ratios)}")
     if "other_cpu_s" in result:
         print(
             f"  wall {result['wall_s']} s; CPU used by other processes meanwhile: "
@@ -703,15 +757,17 @@ def run_shape_cold(
     return result
 
 
-def _mode_ratios(best: dict[str, float]) -> dict[str, float]:
-    """Each keras_ema mode over ``builtin`` and over ``none``."""
-    ratios = {}
+def _mode_ratios(best: dict[str, float]) -> dict[str, float | None]:
+    """Each keras_ema mode over ``builtin`` and over ``none``, and the
+    profiles' marginal costs (`_profile_ratios`)."""
+    ratios: dict[str, float | None] = {}
     for mode in best:
         if mode.startswith("keras_ema"):
             for base in ("builtin", "none"):
                 if base in best:
                     ratios[f"{mode}_over_{base}"] = best[mode] / best[base]
-    return ratios
+    marginal = _profile_ratios(best).items()
+    return ratios | {k: v for k, v in marginal if k.endswith("_marginal")}
 
 
 def print_cold_table(result: dict[str, Any]) -> None:
@@ -737,11 +793,7 @@ def print_cold_table(result: dict[str, Any]) -> None:
         all_runs = " ".join(f"{t:.1f}" for t in result["fit_ms_all"][mode])
         print(f"{line}  {all_runs}")
     for label, key in (("fit", "fit_ratios"), ("steady", "steady_ratios")):
-        ratios = result[key]
-        print(
-            f"  ratios ({label}): "
-            + ", ".join(f"{k} {v:.4f}" for k, v in ratios.items())
-        )
+        print(f"  ratios ({label}): {format_ratios(result[key])}")
     if jax_compiles:
         print_compiles(result["compiles"])
     if "other_cpu_s" in result:
