@@ -79,15 +79,30 @@ before the first epoch, ``epoch N``, ``end`` after the last epoch): Keras'
 ``train_step`` beside the EMA's ``fused_step``, and what the EMA compiles at the end
 of ``fit``. ``compile_ms`` is their total per mode.
 
+The bandwidth floor (``--floor``, and always for models of over 1M parameters):
+what one pass of an EMA update over the model's floating-point weights costs at
+best. At the end of every round, in the same process, one in-place lerp
+``a = a + w * (b - a)`` over as many float32 elements as the model's float weights
+is timed with the backend's own op (JAX: a jitted function of one flat donated
+array, blocked on; TensorFlow: ``tf.Variable.assign_add`` in a ``tf.function``,
+with XLA when Keras compiles the models with it; torch: ``Tensor.lerp_``), median of
+100 after a warm-up; the best round's median is kept. ``floor`` in the JSON holds it
+(``lerp_ms``, and ``lerp_gb_per_s`` at 12 bytes an element) and
+``(keras_ema - none) / lerp`` for ``ms_per_step`` and ``steady_ms_per_step``
+(``steady`` only in the cold mode): how many such passes the EMA's cost per step
+is worth. The EMA's update also reads the weights for its NaN/Inf guard: 16 bytes an
+element against the lerp's 12, a ratio of 1.33 at the same bandwidth.
+
 ``other_cpu_s`` is the CPU time that other processes used during a shape's run: the
 machine has 2 cores, and numbers taken while it is well above 0 are not comparable.
 
 Usage (one backend per process)::
 
     KERAS_BACKEND=jax python benchmarks/overhead.py [--quick] [--shapes a,b]
-        [--modes none,builtin,...] [--repeats 5] [--rss] [--json-out results.jsonl]
+        [--modes none,builtin,...] [--repeats 5] [--rss] [--floor]
+        [--json-out results.jsonl]
     KERAS_BACKEND=jax python benchmarks/overhead.py --cold [--epochs 4] [--steps 50]
-        [--shapes a,b] [--modes none,builtin,keras_ema] [--repeats 5]
+        [--shapes a,b] [--modes none,builtin,keras_ema] [--repeats 5] [--floor]
 
 Every shape prints a table and one line ``JSON {...}``.
 """
@@ -100,6 +115,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -393,6 +409,8 @@ def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
         ),
         "variables": len(model.variables),
         "state_bytes": state_bytes(model, callbacks),
+        "float_elements": float_elements(model),
+        "jit_compile": bool(model.jit_compile),
     }
 
 
@@ -428,19 +446,26 @@ METRICS = ("ms_per_step", "steady_ms_per_step", "startup_ms")
 
 
 def run_shape(
-    shape: Shape, modes: list[str], repeats: int, steps: int, rss: bool
+    shape: Shape, modes: list[str], repeats: int, steps: int, rss: bool, floor: bool
 ) -> dict[str, Any]:
-    """Interleave the modes ``repeats`` times; keep each metric's minimum per mode."""
+    """Interleave the modes ``repeats`` times; keep each metric's minimum per mode.
+
+    With ``floor`` (or for models of over ``FLOOR_PARAMS`` parameters) each
+    round ends with the bandwidth floor (`measure_floor`).
+    """
     runs: dict[str, dict[str, list[float]]] = {
         k: {m: [] for m in modes} for k in METRICS
     }
     info: dict[str, dict[str, Any]] = {}
+    lerps: list[float] = []
     for _ in range(repeats):
         for mode in modes:
             info[mode] = measure(shape, mode, steps)
             for key in METRICS:
                 runs[key][mode].append(info[mode][key])
-    first = info[modes[0]]
+        first = info[modes[0]]
+        if floor or first["params"] > FLOOR_PARAMS:
+            lerps.append(measure_floor(first["float_elements"], first["jit_compile"]))
     result: dict[str, Any] = {
         "backend": keras.backend.backend(),
         "shape": shape.name,
@@ -457,6 +482,15 @@ def run_shape(
     result["steady_ratios"] = _ratios(result["steady_ms_per_step"])
     result["ms_per_step_all"] = runs["ms_per_step"]
     result["state_bytes"] = {m: info[m]["state_bytes"] for m in modes}
+    if lerps:
+        result["floor"] = floor_result(
+            lerps,
+            first["float_elements"],
+            {
+                "ms_per_step": result["ms_per_step"],
+                "steady": result["steady_ms_per_step"],
+            },
+        )
     if rss:
         result["rss_growth_mib"] = {m: measure_rss(shape, m, steps) for m in modes}
     return result
@@ -535,11 +569,135 @@ def print_table(result: dict[str, Any]) -> None:
         ("ratios (steady) ", result["steady_ratios"]),
     ):
         print(f"  {label}: {format_ratios(ratios)}")
+    if "floor" in result:
+        print_floor(result["floor"])
     if "other_cpu_s" in result:
         print(
             f"  wall {result['wall_s']} s; CPU used by other processes meanwhile: "
             f"{result['other_cpu_s']} s (should be near 0)"
         )
+
+
+# --------------------------------------------------------------------------
+# The bandwidth floor: one in-place lerp over the model's float elements
+
+FLOOR_PARAMS = 1_000_000  # models larger than this always get the floor
+FLOOR_REPEATS = 100
+FLOOR_WARMUP = 5
+FLOOR_WEIGHT = 1e-3  # the lerp's weight, 1 - beta
+
+
+def float_elements(model: keras.Model) -> int:
+    """Elements of the model's floating-point weights, those the EMA averages."""
+    return sum(
+        int(np.prod(w.shape))
+        for w in model.weights
+        if keras.backend.is_float_dtype(w.dtype)
+    )
+
+
+def make_lerp(elements: int, jit_compile: bool) -> Callable[[], None]:
+    """A function running ``a = a + w * (b - a)`` in place over ``elements``
+    float32 values with the backend's own op, and waiting for it.
+
+    JAX: a jitted function of one flat array, donated (XLA writes the result
+    into its buffer), blocked on. TensorFlow: ``assign_add`` of the difference
+    to a ``tf.Variable`` inside a ``tf.function``, compiled with XLA when the
+    models are (``jit_compile``; Keras' default is no XLA on a CPU). torch:
+    ``Tensor.lerp_``. Each on Keras' default device.
+    """
+    a = keras.ops.zeros((elements,), "float32")
+    b = keras.ops.ones((elements,), "float32")
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        lerp = jax.jit(lambda a, b, w: a + w * (b - a), donate_argnums=0)
+        weight = np.float32(FLOOR_WEIGHT)
+        buffer = [a]
+
+        def run() -> None:
+            buffer[0] = lerp(buffer[0], b, weight)
+            buffer[0].block_until_ready()
+
+        return run
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(a)
+        weight = tf.constant(FLOOR_WEIGHT, tf.float32)
+
+        @tf.function(jit_compile=jit_compile)
+        def lerp() -> None:
+            variable.assign_add(weight * (b - variable))
+
+        gpu = bool(tf.config.list_logical_devices("GPU"))
+
+        def run() -> None:
+            lerp()
+            if gpu:
+                tf.test.experimental.sync_devices()
+
+        return run
+    import torch
+
+    def run() -> None:
+        a.lerp_(b, FLOOR_WEIGHT)
+        if a.is_cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def measure_floor(elements: int, jit_compile: bool) -> float:
+    """Median ms of ``FLOOR_REPEATS`` lerps (`make_lerp`), after a warm-up."""
+    gc.collect()
+    run = make_lerp(elements, jit_compile)
+    for _ in range(FLOOR_WARMUP):
+        run()
+    times = []
+    for _ in range(FLOOR_REPEATS):
+        start = time.perf_counter()
+        run()
+        times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def floor_result(
+    lerps: list[float], elements: int, per_step: dict[str, dict[str, float]]
+) -> dict[str, Any]:
+    """The floor's JSON: the lerp's best median, its bandwidth and, for each
+    per-step metric given, ``(keras_ema - none) / lerp``.
+
+    The bandwidth counts 12 bytes an element: two arrays read, one written.
+    """
+    lerp_ms = min(lerps)
+    result: dict[str, Any] = {
+        "elements": elements,
+        "lerp_ms": lerp_ms,
+        "lerp_ms_all": lerps,
+        "lerp_gb_per_s": 12 * elements / lerp_ms / 1e6,
+    }
+    for name, best in per_step.items():
+        if "keras_ema" in best and "none" in best:
+            added = best["keras_ema"] - best["none"]
+            result[f"{name}_ema_over_lerp"] = added / lerp_ms
+    return result
+
+
+def print_floor(floor: dict[str, Any]) -> None:
+    """One line for the floor of a shape's table."""
+    ratios = [
+        f"(keras_ema - none) / lerp {floor[key]:.3f} ({key.split('_ema')[0]})"
+        for key in floor
+        if key.endswith("_ema_over_lerp")
+    ]
+    print(
+        f"  floor: one in-place lerp of {floor['elements']:,} float32, "
+        f"{floor['lerp_ms']:.4f} ms ({floor['lerp_gb_per_s']:.1f} GB/s, median of "
+        f"{FLOOR_REPEATS}, best of {len(floor['lerp_ms_all'])} rounds)"
+        + (f"; {', '.join(ratios)}" if ratios else "")
+    )
 
 
 # --------------------------------------------------------------------------
@@ -701,6 +859,8 @@ def measure_cold(
         "compiles": compiles.stop(),
         "params": model.count_params(),
         "variables": len(model.variables),
+        "float_elements": float_elements(model),
+        "jit_compile": bool(model.jit_compile),
     }
 
 
@@ -712,13 +872,14 @@ def run_shape_cold(
     steps: int,
     compiles: CompileLog,
     first_in_process: bool,
+    floor: bool,
 ) -> dict[str, Any]:
     """Interleave cold ``fit``s of the modes ``repeats`` times; keep the minima.
 
     The compiles reported for a mode are those of its fastest ``fit``. In a
     new process, each mode first runs one short cold ``fit``, untimed, so that
     what a process does only once (lazy imports, thread pools, kernels used
-    for the first time) is charged to no mode.
+    for the first time) is charged to no mode. ``floor`` as in `run_shape`.
     """
     if first_in_process:
         for mode in modes:
@@ -727,6 +888,7 @@ def run_shape_cold(
         k: {m: [] for m in modes} for k in COLD_METRICS
     }
     fastest: dict[str, dict[str, Any]] = {}
+    lerps: list[float] = []
     for _ in range(repeats):
         for mode in modes:
             info = measure_cold(shape, mode, epochs, steps, compiles)
@@ -734,7 +896,9 @@ def run_shape_cold(
                 runs[key][mode].append(info[key])
             if mode not in fastest or info["fit_ms"] < fastest[mode]["fit_ms"]:
                 fastest[mode] = info
-    first = fastest[modes[0]]
+        first = fastest[modes[0]]
+        if floor or first["params"] > FLOOR_PARAMS:
+            lerps.append(measure_floor(first["float_elements"], first["jit_compile"]))
     result: dict[str, Any] = {
         "backend": keras.backend.backend(),
         "shape": shape.name,
@@ -751,6 +915,10 @@ def run_shape_cold(
     result["fit_ratios"] = _mode_ratios(result["fit_ms"])
     result["steady_ratios"] = _mode_ratios(result["steady_ms_per_step"])
     result["fit_ms_all"] = runs["fit_ms"]
+    if lerps:
+        result["floor"] = floor_result(
+            lerps, first["float_elements"], {"steady": result["steady_ms_per_step"]}
+        )
     if keras.backend.backend() == "jax":
         result["compile_ms"] = {m: compile_ms(fastest[m]["compiles"]) for m in modes}
         result["compiles"] = {m: fastest[m]["compiles"] for m in modes}
@@ -794,6 +962,8 @@ def print_cold_table(result: dict[str, Any]) -> None:
         print(f"{line}  {all_runs}")
     for label, key in (("fit", "fit_ratios"), ("steady", "steady_ratios")):
         print(f"  ratios ({label}): {format_ratios(result[key])}")
+    if "floor" in result:
+        print_floor(result["floor"])
     if jax_compiles:
         print_compiles(result["compiles"])
     if "other_cpu_s" in result:
@@ -908,6 +1078,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"--cold: epochs per fit (default {COLD_EPOCHS})",
     )
     parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="time the bandwidth floor (one in-place lerp over the model's float "
+        f"weights) for every shape, not only those over {FLOOR_PARAMS:,} params",
+    )
+    parser.add_argument(
         "--json-out", default="", help="append the JSON lines to this file"
     )
     parser.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
@@ -957,10 +1133,11 @@ def main(argv: list[str] | None = None) -> int:
                 cold_steps,
                 compiles,
                 first_in_process=shape is shapes[0],
+                floor=args.floor,
             )
         else:
             steps = args.steps or (shape.quick_steps if args.quick else shape.steps)
-            result = run_shape(shape, modes, args.repeats, steps, args.rss)
+            result = run_shape(shape, modes, args.repeats, steps, args.rss, args.floor)
         result["environment"] = env
         result["wall_s"] = round(time.perf_counter() - start, 1)
         result["other_cpu_s"] = round(other_cpu_seconds() - other_before, 1)
