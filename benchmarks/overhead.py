@@ -93,6 +93,12 @@ with XLA when Keras compiles the models with it; torch: ``Tensor.lerp_``), media
 is worth. The EMA's update also reads the weights for its NaN/Inf guard: 16 bytes an
 element against the lerp's 12, a ratio of 1.33 at the same bandwidth.
 
+MirroredStrategy (``--strategy mirrored``, TensorFlow only, warm or cold): the CPU is
+split into 2 logical devices at start-up, before TensorFlow initialises, and every
+model is built and compiled under ``tf.distribute.MirroredStrategy`` over them; the
+batch is the global batch (each replica gets half). Modes ``none``, ``builtin`` and
+``keras_ema``. The floor, if asked for, is still one lerp on one device.
+
 ``other_cpu_s`` is the CPU time that other processes used during a shape's run: the
 machine has 2 cores, and numbers taken while it is well above 0 are not comparable.
 
@@ -103,6 +109,8 @@ Usage (one backend per process)::
         [--json-out results.jsonl]
     KERAS_BACKEND=jax python benchmarks/overhead.py --cold [--epochs 4] [--steps 50]
         [--shapes a,b] [--modes none,builtin,keras_ema] [--repeats 5] [--floor]
+    KERAS_BACKEND=tensorflow python benchmarks/overhead.py --strategy mirrored
+        [--cold] [--shapes a,b] [--repeats 5]
 
 Every shape prints a table and one line ``JSON {...}``.
 """
@@ -110,6 +118,7 @@ Every shape prints a table and one line ``JSON {...}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -149,6 +158,9 @@ KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
 # Each profiles mode: how many profiles, named p0, p1, ..., of these betas.
 PROFILE_MODES: dict[str, int] = {"keras_ema_2profiles": 2, "keras_ema_4profiles": 4}
 PROFILE_BETAS = (0.999, 0.9999, 0.99, 0.9995)
+# The modes run under `--strategy mirrored` (TensorFlow only).
+MIRRORED_MODES: tuple[str, ...] = ("none", "builtin", "keras_ema")
+TF_LOGICAL_CPUS = 2
 LEARNING_RATE = 1e-3
 BUILTIN_MOMENTUM = 0.999
 WARMUP_STEPS = 12  # covers a keras_ema_every10 averaging step (step 10) as well
@@ -267,8 +279,38 @@ def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
     ]
 
 
+# The `tf.distribute` strategy every model is built and compiled under, if any
+# (`use_mirrored_strategy`).
+_strategy: Any = None
+
+
+def use_mirrored_strategy() -> None:
+    """Builds every model under a ``tf.distribute.MirroredStrategy`` over
+    ``TF_LOGICAL_CPUS`` logical CPUs, made from the machine's CPU here.
+
+    TensorFlow configures logical devices only before it initialises its
+    runtime: this runs before any TensorFlow op.
+    """
+    global _strategy
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * TF_LOGICAL_CPUS
+        )
+    except RuntimeError as error:
+        raise SystemExit(
+            f"--strategy mirrored: TensorFlow was initialised before its CPU "
+            f"could be split into {TF_LOGICAL_CPUS} logical devices ({error})"
+        ) from error
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    _strategy = tf.distribute.MirroredStrategy(devices)
+
+
 def build_model(shape: Shape, mode: str) -> keras.Model:
-    """A freshly built and compiled model (same seed for every mode).
+    """A freshly built and compiled model (same seed for every mode), under
+    the strategy of `use_mirrored_strategy` if there is one.
 
     The previous measurement's model, optimizer and callbacks are freed
     first, so that no mode runs beside the memory of the ones before it.
@@ -276,14 +318,16 @@ def build_model(shape: Shape, mode: str) -> keras.Model:
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(SEED)
-    model = shape.build()
-    if mode == "builtin":
-        optimizer = keras.optimizers.Adam(
-            LEARNING_RATE, use_ema=True, ema_momentum=BUILTIN_MOMENTUM
-        )
-    else:
-        optimizer = keras.optimizers.Adam(LEARNING_RATE)
-    model.compile(optimizer=optimizer, loss=shape.loss)
+    scope = _strategy.scope() if _strategy is not None else contextlib.nullcontext()
+    with scope:
+        model = shape.build()
+        if mode == "builtin":
+            optimizer = keras.optimizers.Adam(
+                LEARNING_RATE, use_ema=True, ema_momentum=BUILTIN_MOMENTUM
+            )
+        else:
+            optimizer = keras.optimizers.Adam(LEARNING_RATE)
+        model.compile(optimizer=optimizer, loss=shape.loss)
     return model
 
 
@@ -437,6 +481,8 @@ def measure_rss(shape: Shape, mode: str, steps: int) -> float:
         "--rss-child",
         f"{shape.name}:{mode}:{steps}",
     ]
+    if _strategy is not None:
+        cmd += ["--strategy", "mirrored"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     line = [s for s in out.splitlines() if s.startswith("{")][-1]
     return json.loads(line)["rss_growth_kib"] / 1024.0
@@ -541,10 +587,17 @@ def format_ratios(ratios: dict[str, float | None]) -> str:
     )
 
 
+def _strategy_label(result: dict[str, Any]) -> str:
+    if not result.get("strategy"):
+        return ""
+    return f", MirroredStrategy on {TF_LOGICAL_CPUS} logical CPUs"
+
+
 def print_table(result: dict[str, Any]) -> None:
     """A readable table of one shape's result."""
     print(
-        f"\n[{result['backend']}] {result['shape']}: {result['params']:,} params, "
+        f"\n[{result['backend']}{_strategy_label(result)}] {result['shape']}: "
+        f"{result['params']:,} params, "
         f"{result['variables']} variables, batch {result['batch']}, "
         f"{result['steps']} steps x {result['repeats']} repeats (minima)"
     )
@@ -941,7 +994,8 @@ def _mode_ratios(best: dict[str, float]) -> dict[str, float | None]:
 def print_cold_table(result: dict[str, Any]) -> None:
     """A readable table of one shape's cold result, and its JAX compiles."""
     print(
-        f"\n[{result['backend']}] {result['shape']} (cold): {result['params']:,} "
+        f"\n[{result['backend']}{_strategy_label(result)}] {result['shape']} "
+        f"(cold): {result['params']:,} "
         f"params, {result['variables']} variables, batch {result['batch']}, "
         f"{result['epochs']} epochs x {result['steps_per_epoch']} steps, "
         f"{result['repeats']} repeats (minima)"
@@ -1084,6 +1138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"weights) for every shape, not only those over {FLOOR_PARAMS:,} params",
     )
     parser.add_argument(
+        "--strategy",
+        choices=["mirrored"],
+        default="",
+        help="TensorFlow only: build every model under tf.distribute."
+        f"MirroredStrategy on {TF_LOGICAL_CPUS} logical CPUs (batch: the global "
+        f"batch); modes {', '.join(MIRRORED_MODES)} (the default then)",
+    )
+    parser.add_argument(
         "--json-out", default="", help="append the JSON lines to this file"
     )
     parser.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
@@ -1096,12 +1158,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected shapes and modes; print tables and JSON lines."""
     args = parse_args(argv)
+    if args.strategy:
+        if keras.backend.backend() != "tensorflow":
+            raise SystemExit(
+                "--strategy mirrored runs tf.distribute.MirroredStrategy, which "
+                "needs KERAS_BACKEND=tensorflow; received backend "
+                f"{keras.backend.backend()!r}"
+            )
+        use_mirrored_strategy()
     if args.rss_child:
         name, mode, steps = args.rss_child.split(":")
         rss_child(name, mode, int(steps))
         return 0
     shapes = [SHAPES[s] for s in args.shapes.split(",") if s]
+    if args.strategy and args.modes == ",".join(MODES):
+        args.modes = ",".join(MIRRORED_MODES)
     modes = [m for m in args.modes.split(",") if m]
+    if args.strategy and not set(modes) <= set(MIRRORED_MODES):
+        raise SystemExit(
+            f"--strategy mirrored runs the modes {', '.join(MIRRORED_MODES)}; "
+            f"received --modes {args.modes}"
+        )
     unknown = sorted(set(modes) - set(MODES))
     if unknown or args.repeats < 1:
         raise SystemExit(f"bad --modes {unknown} or --repeats {args.repeats}")
@@ -1138,6 +1215,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             steps = args.steps or (shape.quick_steps if args.quick else shape.steps)
             result = run_shape(shape, modes, args.repeats, steps, args.rss, args.floor)
+        result["strategy"] = args.strategy or None
         result["environment"] = env
         result["wall_s"] = round(time.perf_counter() - start, 1)
         result["other_cpu_s"] = round(other_cpu_seconds() - other_before, 1)
