@@ -13,13 +13,14 @@ Eight modes are timed on synthetic data, for several model shapes:
   ``keras_ema.WarmupSchedule(update_after_step=0, update_every=1, beta=b)`` with
   ``b`` 0.999, 0.9999 (then 0.99, 0.9995).
 
-Each measurement builds and compiles a fresh model (same seed), runs a short warm-up
-``fit`` of 12 steps (so that the first tracing and compilation are not timed), then
-times one ``fit`` of ``N`` steps (``epochs=1``, data sized to exactly ``N`` batches,
-``verbose=0``) with ``time.perf_counter``. The clock stops after ``fit`` has returned
-and the backend's queued work is done (on JAX, every array the model, its optimizer
-and the EMA callback hold is blocked on; TensorFlow and torch run synchronously on
-CPU). Three numbers come out of that one timed ``fit``:
+Warm mode (the default): each measurement builds and compiles a fresh model (same
+seed), runs a short warm-up ``fit`` of 12 steps (so that the first tracing and
+compilation are not timed), then times one ``fit`` of ``N`` steps (``epochs=1``,
+data sized to exactly ``N`` batches, ``verbose=0``) with ``time.perf_counter``. The
+clock stops after ``fit`` has returned and the backend's queued work is done (on
+JAX, every array the model, its optimizer and the EMA callback hold is blocked on;
+TensorFlow and torch run synchronously on CPU). Three numbers come out of that one
+timed ``fit``:
 
 * ``ms_per_step``: the whole ``fit`` over ``N``. It includes ``fit``'s fixed costs
   (data adapter, callbacks' ``on_train_begin/end``, Keras' ``finalize_variable_values``
@@ -44,12 +45,13 @@ EMA callback's shadow variables (``keras_ema.EMA.variables``) after the timed ``
 so ``state_bytes[mode] - state_bytes["none"]`` is exactly the EMA's shadow copy
 (in host memory for the offload modes; 4 bytes per tracked float32 element; the
 callback also tracks non-trainable floats such as BatchNormalization statistics,
-the built-in EMA only trainable ones). With ``--rss``, for each mode one child
-process builds the model, runs the warm-up and one timed ``fit``, and reports the
-growth of its peak resident set (``ru_maxrss`` at the end minus the resident set
-just before the model was built). That includes compilation memory, temporaries
-and allocator noise: read it for big differences only (the ``big_mlp`` shadow is
-42 MiB).
+the built-in EMA only trainable ones). ``EMA.variables`` holds the first profile's
+shadows: for the profiles modes that is one profile's copy of K. With ``--rss``,
+for each mode one child process builds the model, runs the warm-up and one timed
+``fit``, and reports the growth of its peak resident set (``ru_maxrss`` at the end
+minus the resident set just before the model was built). That includes compilation
+memory, temporaries and allocator noise: read it for big differences only (the
+``big_mlp`` shadow is 42 MiB).
 
 Cold mode (``--cold``): what a user's first ``fit`` of a fresh model costs, tracing
 and compiling included. Each measurement builds and compiles a fresh model and
@@ -60,24 +62,27 @@ in-process compilation caches are cleared first (``jax.clear_caches()``), so tha
 every measurement compiles what a new process would, Keras' small eager ops
 included. Before the first shape each mode runs one short untimed cold ``fit``, so
 that what a process does only once (lazy imports, thread pools) falls on no mode.
-The modes are interleaved and the minimum of each number per mode kept:
+The modes are interleaved for ``--repeats`` rounds and the minimum of each number
+per mode is kept:
 
 * ``fit_ms``: the whole ``fit``;
 * ``first_step_ms``: up to the end of the first step (set-up, tracing, compiling);
 * ``steady_ms_per_step``: from the start of the second epoch to the end of the last,
-  per step (with one epoch: from batch 3);
+  per step (with one epoch: from batch 3), as `StepClock` waits for the steps;
 * ``end_ms``: from the end of the last epoch to the end (Keras' and the callbacks'
   end of ``fit``, and what they compile there).
 
-Ratios: each keras_ema mode over ``builtin`` and over ``none``, and the profiles'
+Its ratios: each keras_ema mode over ``builtin`` and over ``none``
+(``keras_ema_over_builtin``, ``keras_ema_every10_over_none``, ...) and the profiles'
 marginal costs, for ``fit_ms`` (``fit_ratios``) and ``steady_ms_per_step``
-(``steady_ratios``). On JAX,
-``compiles`` lists, for each mode's fastest ``fit``, every function traced, lowered
-to MLIR and compiled by XLA (from ``jax.monitoring``'s duration events, the ones
-``jax_log_compiles`` logs), with the phase of ``fit`` it happened in (``setup``
-before the first epoch, ``epoch N``, ``end`` after the last epoch): Keras'
-``train_step`` beside the EMA's ``fused_step``, and what the EMA compiles at the end
-of ``fit``. ``compile_ms`` is their total per mode.
+(``steady_ratios``). On JAX, ``compiles`` lists for each mode's fastest ``fit`` every
+function traced, lowered to MLIR and compiled by XLA, with the phase of ``fit`` it
+happened in (``setup`` before the first epoch, ``epoch N``, ``end`` after the last
+epoch): Keras' ``train_step`` beside the EMA's ``fused_step``, Keras' eager ops, and
+what the EMA compiles at the end of ``fit``. The times come from the duration events
+of ``jax.monitoring``, the ones behind ``jax_log_compiles``' "Finished tracing /
+jaxpr to MLIR module conversion / XLA compilation of ... in ... sec" messages.
+``compile_ms`` is their total per mode.
 
 The bandwidth floor (``--floor``, and always for models of over 1M parameters):
 what one pass of an EMA update over the model's floating-point weights costs at
@@ -105,7 +110,7 @@ machine has 2 cores, and numbers taken while it is well above 0 are not comparab
 Usage (one backend per process)::
 
     KERAS_BACKEND=jax python benchmarks/overhead.py [--quick] [--shapes a,b]
-        [--modes none,builtin,...] [--repeats 5] [--rss] [--floor]
+        [--modes none,builtin,...] [--repeats 5] [--steps N] [--rss] [--floor]
         [--json-out results.jsonl]
     KERAS_BACKEND=jax python benchmarks/overhead.py --cold [--epochs 4] [--steps 50]
         [--shapes a,b] [--modes none,builtin,keras_ema] [--repeats 5] [--floor]
