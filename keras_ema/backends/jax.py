@@ -454,8 +454,10 @@ class HostEngine(base.Engine):
     def __init__(self, state):
         super().__init__(state)
         self._cpu = jax.devices("cpu")[0]
+        # The old shadows are donated: their buffers hold the new ones.
         self._update = jax.jit(
-            functools.partial(_host_update, state.schedules, state.kinds)
+            functools.partial(_host_update, state.schedules, state.kinds),
+            donate_argnums=(1, 2),
         )
         self.counters = HostCounters(state.schedules)
         self.counters.read(state.step)
