@@ -16,6 +16,15 @@ It prints the article's tables (progress every 10 epochs, final comparison,
 mean over seeds) and writes ``results.json`` (final scores and per-epoch
 histories) and ``training_curves.png`` to the output folder.
 
+With ``--profiles`` the same run keeps four averages of the weights in one
+callback (``keras_ema.EMA(profiles=...)``): the article's warm-up EMA, the
+bias-corrected EMA of the article's section 2.2 at the same beta, and the
+power-function EMAs of Karras et al. (2024) at ``sigma_rel`` 0.05 and 0.10.
+The learning-rate schedule and early stopping watch the warm-up profile
+(``val_ema_warmup_loss``), so training is the same as without the option;
+every profile is scored and drawn. It writes ``profiles.json`` and
+``profile_curves.png``.
+
 Where Keras and PyTorch differ, the settings below follow the article's
 PyTorch behaviour:
 
@@ -66,6 +75,12 @@ LR_FACTOR = 0.5
 LR_PATIENCE = 11  # = torch ReduceLROnPlateau(patience=10), see docstring
 STOP_PATIENCE = 20
 MONITOR = "val_ema_loss"
+PROFILES: dict[str, keras_ema.Schedule] = {
+    "warmup": keras_ema.WarmupSchedule(**EMA_KWARGS),
+    "bias_corrected": keras_ema.BiasCorrectedSchedule(beta=EMA_KWARGS["beta"]),
+    "power_0_05": keras_ema.PowerFunctionSchedule(sigma_rel=0.05),
+    "power_0_10": keras_ema.PowerFunctionSchedule(sigma_rel=0.10),
+}
 
 
 @dataclass
@@ -87,10 +102,17 @@ class RunResult:
     online: dict[str, float]
     ema: dict[str, float]
     seconds: float
+    # With profiles: each profile's final scores (`ema` is the first's).
+    profiles: dict[str, dict[str, float]] | None = None
 
     @property
     def epochs(self) -> int:
         return len(self.history["loss"])
+
+    @property
+    def ema_key(self) -> str:
+        """The history key of the (first) EMA's validation loss."""
+        return f"val_ema_{next(iter(PROFILES))}_loss" if self.profiles else MONITOR
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,9 +122,10 @@ class RunResult:
             "ema": self.ema,
             "val_loss_std": {
                 "online": float(np.std(self.history["val_loss"])),
-                "ema": float(np.std(self.history["val_ema_loss"])),
+                "ema": float(np.std(self.history[self.ema_key])),
             },
             "seconds": round(self.seconds, 2),
+            "profiles": self.profiles,
             "history": self.history,
         }
 
@@ -172,8 +195,9 @@ def build_model(n_features: int) -> keras.Model:
     )
 
 
-def train(data: Data, seed: int, epochs: int) -> RunResult:
-    """Train one model with EMA and score online and EMA weights."""
+def train(data: Data, seed: int, epochs: int, profiles: bool = False) -> RunResult:
+    """Train one model with EMA and score online and EMA weights (every
+    profile's, with `profiles`)."""
     # Seeds Python, NumPy (fit's shuffling) and the backend (init, dropout).
     keras.utils.set_random_seed(seed)
     model = build_model(data.x_train.shape[1])
@@ -182,18 +206,19 @@ def train(data: Data, seed: int, epochs: int) -> RunResult:
         loss="mse",
         metrics=["mae"],
     )
-    ema = keras_ema.EMA(**EMA_KWARGS)
+    ema = keras_ema.EMA(profiles=PROFILES) if profiles else keras_ema.EMA(**EMA_KWARGS)
+    monitor = f"val_ema_{next(iter(PROFILES))}_loss" if profiles else MONITOR
     callbacks = [
         ema,
         keras.callbacks.ReduceLROnPlateau(
-            monitor=MONITOR,
+            monitor=monitor,
             mode="min",
             factor=LR_FACTOR,
             patience=LR_PATIENCE,
             min_delta=0.0,
         ),
         keras.callbacks.EarlyStopping(
-            monitor=MONITOR, mode="min", patience=STOP_PATIENCE
+            monitor=monitor, mode="min", patience=STOP_PATIENCE
         ),
     ]
     start = time.perf_counter()
@@ -212,12 +237,20 @@ def train(data: Data, seed: int, epochs: int) -> RunResult:
     ema_pred = model.predict(
         data.x_val, batch_size=BATCH_SIZE, verbose=0, callbacks=[ema]
     )
+    scores = None
+    if profiles:
+        scores = {}
+        for name in PROFILES:
+            with ema.swap_weights(profile=name):
+                pred = model.predict(data.x_val, batch_size=BATCH_SIZE, verbose=0)
+            scores[name] = score(data.y_val, pred)
     return RunResult(
         seed=seed,
         history={k: [float(v) for v in vs] for k, vs in history.history.items()},
         online=score(data.y_val, online_pred),
         ema=score(data.y_val, ema_pred),
         seconds=seconds,
+        profiles=scores,
     )
 
 
@@ -245,7 +278,7 @@ def print_progress(result: RunResult, y_val: np.ndarray) -> None:
     """Every 10th epoch, as in the article's table 4.1."""
     h = result.history
     r2_online = r2_from_mse(h["val_loss"], y_val)
-    r2_ema = r2_from_mse(h["val_ema_loss"], y_val)
+    r2_ema = r2_from_mse(h[result.ema_key], y_val)
     print(
         f"\n--- seed {result.seed}: stopped after {result.epochs} epochs "
         f"({result.seconds:.1f} s)"
@@ -257,7 +290,7 @@ def print_progress(result: RunResult, y_val: np.ndarray) -> None:
     for i in range(9, result.epochs, 10):
         print(
             f"{i + 1:>5} | {h['loss'][i]:7.4f} | {h['val_loss'][i]:10.4f} | "
-            f"{r2_online[i]:9.4f} | {h['val_ema_loss'][i]:7.4f} | {r2_ema[i]:6.4f}"
+            f"{r2_online[i]:9.4f} | {h[result.ema_key][i]:7.4f} | {r2_ema[i]:6.4f}"
         )
 
 
@@ -273,6 +306,70 @@ def print_comparison(
             f"{name.upper():>6} | {online[name]:8.4f} | {ema[name]:8.4f} "
             f"| {gain:10.2f}%"
         )
+
+
+def print_profiles(result: RunResult) -> None:
+    """The final comparison for every profile of one seed."""
+    for name, scores in (result.profiles or {}).items():
+        print_comparison(
+            result.online, scores, f"=== Final results, seed {result.seed}, {name} ==="
+        )
+
+
+def print_profile_summary(results: list[RunResult]) -> None:
+    """Mean final scores over seeds, per profile, and its wins over online."""
+    names = ("mse", "mae", "r2")
+    print(f"\n=== Profiles, mean over {len(results)} seed(s) ===")
+    print(
+        f"{'profile':>15} | {'MSE':>8} | {'MAE':>8} | {'R2':>7} | "
+        f"{'vs online MSE':>13} | {'wins':>5}"
+    )
+    online = {n: float(np.mean([r.online[n] for r in results])) for n in names}
+    print(
+        f"{'online':>15} | {online['mse']:8.5f} | {online['mae']:8.5f} | "
+        f"{online['r2']:7.4f} | {'':>13} | {'':>5}"
+    )
+    for profile in PROFILES:
+        mean = {
+            n: float(np.mean([r.profiles[profile][n] for r in results])) for n in names
+        }
+        wins = sum(r.profiles[profile]["mse"] < r.online["mse"] for r in results)
+        gain = improvement(online["mse"], mean["mse"])
+        print(
+            f"{profile:>15} | {mean['mse']:8.5f} | {mean['mae']:8.5f} | "
+            f"{mean['r2']:7.4f} | {gain:12.2f}% | {wins:>2}/{len(results)}"
+        )
+
+
+def plot_profiles(results: list[RunResult], path: Path) -> None:
+    """Every profile's validation loss, and the online one; one panel per
+    seed (at most four)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = results[:4]
+    fig, axes = plt.subplots(
+        1, len(shown), figsize=(5 * len(shown), 4.5), squeeze=False
+    )
+    for ax, result in zip(axes[0], shown, strict=True):
+        epochs = np.arange(1, result.epochs + 1)
+        ax.plot(epochs, result.history["val_loss"], label="online", color="black")
+        for name in PROFILES:
+            ax.plot(epochs, result.history[f"val_ema_{name}_loss"], label=name)
+        ax.set(
+            xlabel="Epoch",
+            ylabel="validation MSE",
+            yscale="log",
+            title=f"seed {result.seed}",
+        )
+        ax.grid(True)
+        ax.legend()
+    fig.suptitle(f"EMA profiles, Keras backend: {keras.backend.backend()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def print_summary(results: list[RunResult]) -> None:
@@ -306,9 +403,9 @@ def plot(results: list[RunResult], y_val: np.ndarray, path: Path) -> None:
     series = [
         (ax_loss, "loss", "Train loss", "tab:blue"),
         (ax_loss, "val_loss", "Online val loss", "tab:red"),
-        (ax_loss, "val_ema_loss", "EMA val loss", "tab:green"),
+        (ax_loss, results[0].ema_key, "EMA val loss", "tab:green"),
         (ax_r2, "val_loss", "Online R2", "tab:red"),
-        (ax_r2, "val_ema_loss", "EMA R2", "tab:green"),
+        (ax_r2, results[0].ema_key, "EMA R2", "tab:green"),
     ]
     for i, result in enumerate(results):
         epochs = np.arange(1, result.epochs + 1)
@@ -350,6 +447,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--epochs", type=int, default=500, help="maximum epochs")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--profiles",
+        action="store_true",
+        help="keep the four profiles of PROFILES in the same run and score each",
+    )
     return parser.parse_args()
 
 
@@ -361,23 +463,30 @@ def main() -> None:
 
     results = []
     for seed in args.seeds:
-        result = train(data, seed, args.epochs)
+        result = train(data, seed, args.epochs, profiles=args.profiles)
         print_progress(result, data.y_val)
         print_comparison(
             result.online, result.ema, f"=== Final results, seed {seed} ==="
         )
+        print_profiles(result)
         results.append(result)
     print_summary(results)
+    if args.profiles:
+        print_profile_summary(results)
 
     report = {
         "backend": keras.backend.backend(),
         "runs": [r.to_json() for r in results],
     }
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nWrote {args.out / 'results.json'}")
+    name = "profiles" if args.profiles else "results"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nWrote {args.out / f'{name}.json'}")
     if not args.no_plot:
         plot(results, data.y_val, args.out / "training_curves.png")
         print(f"Wrote {args.out / 'training_curves.png'}")
+        if args.profiles:
+            plot_profiles(results, args.out / "profile_curves.png")
+            print(f"Wrote {args.out / 'profile_curves.png'}")
 
 
 if __name__ == "__main__":
