@@ -472,6 +472,31 @@ def test_thinning_keeps_an_evenly_spaced_set(tmp_path):
     assert run.steps == [16, 32, 35]
 
 
+def test_a_checkpoint_is_never_ahead_of_the_snapshots(tmp_path):
+    # A weights file saved right after step 4 (as `BackupAndRestore` with
+    # `save_freq` does) finds snapshot 4 written: a run resumed from it
+    # would not write it again.
+    directory = tmp_path / "snapshots"
+    callback = keras_ema.PostHocEMA(directory, snapshot_every=4, verbose=0)
+    listings = []
+
+    class SaveAfterStep4(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                self.model.save_weights(str(tmp_path / "w.weights.h5"))
+                listings.append(snapshot_steps(directory))
+
+    model = make_model()
+    model.fit(
+        *make_data(48),
+        batch_size=8,
+        verbose=0,
+        callbacks=[SaveAfterStep4(), callback],
+    )
+    assert listings == [[4]]
+    assert snapshot_steps(directory) == [4, 6]
+
+
 def test_no_end_of_fit_snapshot_when_the_last_step_has_one(tmp_path):
     model = make_model()
     callback = keras_ema.PostHocEMA(tmp_path, snapshot_every=6, verbose=0)
