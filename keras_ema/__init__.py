@@ -3,6 +3,7 @@
 from keras_ema.callback import EMA
 from keras_ema.checkpoint import EMAModelCheckpoint
 from keras_ema.posthoc import PostHocRun
+from keras_ema.posthoc_callback import PostHocEMA
 from keras_ema.schedule import BiasCorrectedSchedule
 from keras_ema.schedule import HalfLifeSchedule
 from keras_ema.schedule import PowerFunctionSchedule
@@ -16,6 +17,7 @@ __all__ = [
     "BiasCorrectedSchedule",
     "EMAModelCheckpoint",
     "HalfLifeSchedule",
+    "PostHocEMA",
     "PostHocRun",
     "PowerFunctionSchedule",
     "Schedule",

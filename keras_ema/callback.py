@@ -125,6 +125,13 @@ class EMA(keras.callbacks.Callback):
         - lucidrains/ema-pytorch, `EMA` (the warm-up schedule and filters).
     """
 
+    # Whether only the trainable weights are averaged (no shadows for
+    # non-trainable ones); subclasses that treat those otherwise set it.
+    _trainable_only = False
+    # The `get_config()` entries a loaded state file may differ in without a
+    # warning; subclasses add their own.
+    _UNCOMPARED_OPTIONS = _PLACEMENT_OPTIONS
+
     def __init__(
         self,
         beta: float = 0.9999,
@@ -339,7 +346,14 @@ class EMA(keras.callbacks.Callback):
     def _write_state(self, path) -> None:
         # The model may hold the EMA weights: a checkpoint may be written
         # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
-        state_io.save(path, self._flushed_state(), self.get_config())
+        state_io.save(
+            path, self._flushed_state(), self.get_config(), self._state_extra()
+        )
+
+    def _state_extra(self) -> dict | None:
+        """What a subclass keeps in the state file's header beside the
+        shadows (`None`: nothing)."""
+        return None
 
     def _read_state(self, path) -> tuple:
         """Reads and checks a state file against the model; changes nothing."""
@@ -375,7 +389,7 @@ class EMA(keras.callbacks.Callback):
         differing = {
             name: {"file": saved.get(name), "callback": value}
             for name, value in self.get_config().items()
-            if saved.get(name) != value and name not in _PLACEMENT_OPTIONS
+            if saved.get(name) != value and name not in self._UNCOMPARED_OPTIONS
         }
         if differing:
             warnings.warn(
@@ -478,6 +492,7 @@ class EMA(keras.callbacks.Callback):
             ),
             self.offload_to_host,
             backends.make_placement(self.offload_to_host),
+            trainable_only=self._trainable_only,
         )
         self._engine = backends.make_engine(self._state)
 

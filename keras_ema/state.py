@@ -1,7 +1,8 @@
 """Which weights the EMA tracks, and the shadows and counters that hold it.
 
 `ShadowState` owns, for each averaging profile, one shadow `keras.Variable`
-per tracked model weight (every floating-point weight, trainable or not),
+per tracked model weight (every floating-point weight, trainable or not, or
+with `trainable_only` the trainable ones),
 and two int32 counters shared by the profiles: the optimizer steps taken and
 the updates skipped because a weight was NaN or infinite. Where and how the
 variables are laid out is the backend's business: it comes in as a
@@ -54,9 +55,14 @@ def check_names(name: str, value) -> tuple[str, ...]:
     return names
 
 
-def tracked_weights(model) -> list:
-    """The floating-point weights of `model`, in `model.weights` order."""
-    return [w for w in model.weights if keras.backend.is_float_dtype(w.dtype)]
+def tracked_weights(model, trainable_only: bool = False) -> list:
+    """The floating-point weights of `model` (only the trainable ones with
+    `trainable_only`), in `model.weights` order."""
+    return [
+        w
+        for w in model.weights
+        if keras.backend.is_float_dtype(w.dtype) and (w.trainable or not trainable_only)
+    ]
 
 
 def classify(
@@ -129,6 +135,9 @@ class ShadowState:
         filters: The name filters.
         offload: Whether the shadows and counters live in host memory.
         placement: The backend's `Placement` for these variables.
+        trainable_only: Whether to track the trainable weights only (no
+            shadow for BatchNormalization statistics and other
+            non-trainable weights). Defaults to `False`.
     """
 
     def __init__(
@@ -138,13 +147,16 @@ class ShadowState:
         filters: Filters,
         offload: bool,
         placement,
+        trainable_only: bool = False,
     ):
         self.model = model
         self.offload = offload
-        self.weights = tracked_weights(model)
+        self.trainable_only = trainable_only
+        self.weights = tracked_weights(model, trainable_only)
         if not self.weights:
+            kind = "trainable floating-point" if trainable_only else "floating-point"
             raise ValueError(
-                "The EMA needs a built model with floating-point weights. "
+                f"The EMA needs a built model with {kind} weights. "
                 f"Model {model.name!r} has none; build it (call it on data "
                 "or `model.build(input_shape)`) before using the callback."
             )
@@ -202,7 +214,7 @@ class ShadowState:
 
     def check_model_unchanged(self) -> None:
         """Raises if the model's float weights differ from those shadowed."""
-        current = tracked_weights(self.model)
+        current = tracked_weights(self.model, self.trainable_only)
         if weights_signature(current) == self.signature:
             return
         before = {p: s for p, s in zip(self.paths, self.signature, strict=True)}
@@ -212,7 +224,8 @@ class ShadowState:
         changes = sorted(set(before.items()) ^ set(after.items()))
         raise ValueError(
             f"The weights of model {self.model.name!r} changed after the EMA "
-            "started tracking them (weights added, removed or reshaped). "
+            "started tracking them (weights added, removed or reshaped"
+            f"{', or made trainable or not' if self.trainable_only else ''}). "
             f"Differences (path, (shape, dtype, id)): {changes[:10]}. Create "
             "a new `EMA` callback for the changed model."
         )

@@ -4,7 +4,9 @@ Layout (format version 2):
 
 - `header`: a uint8 array holding UTF-8 JSON: `{"format": "keras-ema-state",
   "version": 2, "step", "skipped", "hyperparameters", "profiles": [names],
-  "variables": [{"path", "shape", "dtype"}, ...]}`.
+  "variables": [{"path", "shape", "dtype"}, ...]}`, and optionally `"extra"`:
+  a JSON object of what a callback keeps beside its shadows (the run id of
+  `PostHocEMA`). Files without it are read as having `{}`.
 - `shadow_<p>_<i>`: the shadow of variable `i` in profile `p`, in `profiles`
   and `variables` order.
 
@@ -48,8 +50,9 @@ class StateFileNotFoundError(FileNotFoundError, ValueError):
     """
 
 
-def save(path: str, state, hyperparameters: dict) -> None:
-    """Writes `state` (its variables current) to `path`, atomically."""
+def save(path: str, state, hyperparameters: dict, extra: dict | None = None) -> None:
+    """Writes `state` (its variables current) to `path`, atomically, with the
+    JSON object `extra` in the header if given."""
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -62,6 +65,8 @@ def save(path: str, state, hyperparameters: dict) -> None:
             for p, s in zip(state.paths, state.shadows, strict=True)
         ],
     }
+    if extra is not None:
+        header["extra"] = extra
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
     for p, profile in enumerate(state.profiles):
         for i, shadow in enumerate(profile.shadows):
@@ -238,6 +243,11 @@ def _matched(path: str, others) -> bool:
     return any(_same_weight(path, other) for other in others)
 
 
+def extra(header: dict) -> dict:
+    """The header's optional `extra` object (`{}` in files without one)."""
+    return header.get("extra", {})
+
+
 def _profiles(header: dict) -> list[str]:
     return header.get("profiles", [""])
 
@@ -269,6 +279,8 @@ def _check_header(header) -> None:
         raise ValueError("its `variables` list is malformed")
     if not isinstance(header.get("hyperparameters"), dict):
         raise ValueError("its `hyperparameters` are malformed")
+    if not isinstance(header.get("extra", {}), dict):
+        raise ValueError("its `extra` entry is malformed")
     profiles = header.get("profiles", [""] if version == 1 else None)
     if (
         not isinstance(profiles, list)

@@ -1,0 +1,724 @@
+"""`PostHocEMA`: the training side of post-hoc EMA (Karras et al. 2024).
+
+The callback is an `EMA` whose profiles are power-function EMAs, one per
+tracked `sigma_rel`, over the trainable weights only. Every `snapshot_every`
+optimizer steps it copies every profile's shadows and the model's other
+weights (its buffers) to the host and hands them to one background thread,
+which writes them with `snapshot_io.write_snapshot`; `PostHocRun` reads the
+folder afterwards.
+
+When to snapshot is decided on the host. The EMA's step counter advances
+once per optimizer step, so it is the counter at the start of the `fit`
+(read once) plus the optimizer steps since: each batch with a plain
+optimizer, every `gradient_accumulation_steps`-th batch under gradient
+accumulation, and with a `LossScaleOptimizer` (whose skipped steps only the
+device knows) what its inner optimizer's counter says, read back at every
+batch. The count is made in `on_train_batch_begin`, which Keras calls in its
+training thread before the next step; `on_train_batch_end` is not used: Keras
+would either run it in a worker thread while the next step already changes
+the values to copy, or, for a callback that is not async-safe, convert every
+batch's logs to Python numbers first, a device sync per step. The last step
+of an epoch is seen in `on_epoch_end`, where the optimizer's counter is read.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import math
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_ema import state_io
+from keras_ema.callback import EMA
+from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.schedule import PowerFunctionSchedule
+from keras_ema.schedule import _is_int
+from keras_ema.snapshot_io import NAME_PATTERN
+from keras_ema.snapshot_io import SNAPSHOT_DTYPES
+from keras_ema.snapshot_io import _checked_sigma_rels
+from keras_ema.snapshot_io import model_fingerprint
+from keras_ema.snapshot_io import read_header
+from keras_ema.snapshot_io import snapshot_filename
+from keras_ema.snapshot_io import write_snapshot
+
+# Bytes per averaged value in a snapshot file.
+_STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# The key of the run id in the state file's `extra` header object.
+_RUN_ID_KEY = "posthoc_run_id"
+
+# Snapshot writes not finished yet, by real path of their folder, across
+# callbacks: a callback that takes over a folder (a run resumed in the same
+# process) first waits for the writes of the one it replaces.
+_IN_FLIGHT: dict[str, set] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
+
+
+def profile_name(sigma_rel: float) -> str:
+    """The profile (and log) name of a tracked `sigma_rel`: `sigma_0_05` for
+    0.05, `sigma_0_1` for 0.10 (its shortest decimal, `.` as `_`)."""
+    decimal = np.format_float_positional(float(sigma_rel), unique=True, trim="-")
+    return "sigma_" + decimal.replace(".", "_")
+
+
+class PostHocEMA(EMA):
+    """Tracks power-function EMAs during training and saves snapshots of them,
+    from which `keras_ema.PostHocRun` synthesizes an EMA of any length.
+
+    Post-hoc EMA (Karras et al. 2024, EDM2) chooses the EMA length after
+    training: a few power-function EMAs of relative widths `sigma_rels`
+    (EDM2 tracks 0.05 and 0.10) are saved together every `snapshot_every`
+    optimizer steps, one `snapshot-<step>.npz` file per step in `directory`;
+    afterwards `keras_ema.PostHocRun(directory).synthesize(sigma_rel)` mixes
+    them into the EMA of any other `sigma_rel`, at any snapshot step. The
+    more snapshots, evenly spaced over training, the more accurate the
+    synthesis: aim for 32 or more.
+
+    It is an `EMA` whose profiles are
+    `keras_ema.PowerFunctionSchedule(sigma_rel=s, update_every=update_every)`,
+    one per `s` in `sigma_rels`, named `sigma_0_05`, `sigma_0_1`, ... (the
+    shortest decimal of `s`, `.` written `_`): in `fit` it logs
+    `ema_sigma_0_05_decay` and, with validation data,
+    `val_ema_sigma_0_05_<metric>` for each; `get_weights(profile)`,
+    `swap_weights(profile)`, `update()` and `step` work as for `EMA`. Only
+    the trainable floating-point weights are averaged. The other weights
+    (BatchNormalization statistics, seeds) are buffers: each snapshot stores
+    the model's own value, which synthesis returns as it was at the step
+    synthesized, never mixed.
+
+    A snapshot follows every optimizer step `t` (counted from 1, as `step`
+    counts them) with `t % snapshot_every == 0`, and the end of every `fit`
+    whose last step is not one; that last snapshot is dated by the step of
+    the last update (its buffers are those at the end of the `fit`). Outside
+    `fit`, `update()` snapshots on the same steps and `snapshot()` writes one
+    at any time. Only the copy of the values to the host holds up training:
+    the file is written by a background thread, atomically. `wait()` waits
+    for it and raises any error it met; the end of `fit` waits too.
+
+    With `max_snapshots`, the folder keeps at most `max_snapshots` files
+    (once each write is done; the new file is written before old ones are
+    deleted): whenever the regular snapshots would exceed
+    `max_snapshots - 1` (one file is left for the snapshot at the end of a
+    `fit`, which is kept until the next snapshot), every other one is
+    deleted and the spacing doubles from then on, so the snapshots stay
+    evenly spaced over all of training. The spacing is a function of the
+    step, so a resumed run deletes the same files.
+
+    A run resumes through `keras.callbacks.BackupAndRestore` (or
+    `model.load_weights` with the EMA file beside the weights file, or
+    `load_state`): the restored state holds the profiles, the step counter
+    and the run id, and the snapshots after the restored step are deleted
+    before the first step, so that the resumed run writes what an
+    uninterrupted one would. A `directory` that holds the snapshots of
+    another run (another run id, model or `sigma_rels`) is refused with a
+    `ValueError` before the first step of `fit` (or the first `update()`).
+
+    Which steps get a snapshot is counted on the host, with no device read
+    per step, except with a `LossScaleOptimizer`: only the device knows which
+    of its steps were skipped (not counted), so its counter is read back at
+    every step, a sync per step.
+
+    Creating the callback's shadows (once the model is built) prints the
+    disk space that snapshots take (with `verbose=1`). Under a JAX
+    `keras.distribution` a snapshot copies one variable at a time to the
+    host. With `steps_per_execution > 1` (TensorFlow and JAX), it must
+    divide `snapshot_every` and each epoch's number of steps, the optimizer
+    must move the weights at every step, and every `fit` must start at a
+    step counter that is a multiple of it; otherwise `fit` raises a
+    `ValueError` before the first step.
+
+    Example:
+
+    >>> posthoc = keras_ema.PostHocEMA(
+    ...     "snapshots", sigma_rels=(0.05, 0.10), snapshot_every=1000
+    ... )
+    >>> backup = keras.callbacks.BackupAndRestore("backup")
+    >>> model.fit(x, y, epochs=100, callbacks=[posthoc, backup])
+    >>> run = keras_ema.PostHocRun("snapshots")
+    >>> run.synthesize_into(model, sigma_rel=0.07)
+
+    Args:
+        directory: The folder of the snapshot files, created if needed.
+            It must be new, empty, or hold the snapshots of this run.
+        sigma_rels: The tracked relative widths, distinct, each in
+            `(0, 12**-0.5)`. Defaults to `(0.05, 0.10)`.
+        snapshot_every: The number of optimizer steps between snapshots, a
+            multiple of `update_every` (so that every snapshot follows an
+            update). Required, keyword-only: the right spacing depends on
+            the length of training.
+        update_every: Update the EMAs after every `update_every`-th optimizer
+            step. Defaults to `1`.
+        snapshot_dtype: How snapshots store the averages: `"float32"`,
+            `"float16"` or `"bfloat16"` (half the space, with a relative
+            error of up to `2**-11` or `2**-8` per value). The shadows
+            themselves stay float32. Defaults to `"float32"`.
+        max_snapshots: The most snapshot files to keep, at least 3, or
+            `None` to keep every one. Defaults to `None`.
+        offload_to_host: Whether to keep the shadows in host memory, as for
+            `EMA`. Defaults to `False`.
+        verbose: `1` prints the disk space the snapshots take when the
+            callback starts tracking a model; `0` is silent. Defaults to
+            `1`.
+
+    References:
+        - Karras et al., 2024, "Analyzing and Improving the Training Dynamics
+          of Diffusion Models", section 3 and appendix C.
+    """
+
+    _trainable_only = True
+    # Arguments that change no shadow value: a state file saved with other
+    # ones loads without a warning.
+    _UNCOMPARED_OPTIONS = (
+        "offload_to_host",
+        "validate",
+        "directory",
+        "snapshot_every",
+        "snapshot_dtype",
+        "max_snapshots",
+        "verbose",
+    )
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        *,
+        snapshot_every: int,
+        update_every: int = 1,
+        snapshot_dtype: str = "float32",
+        max_snapshots: int | None = None,
+        offload_to_host: bool = False,
+        verbose: int = 1,
+    ) -> None:
+        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+            raise ValueError(
+                "`directory` must be a non-empty path. "
+                f"Received: directory={directory!r}"
+            )
+        sigma_rels = tuple(float(s) for s in _checked_sigma_rels(sigma_rels))
+        _check_count("update_every", update_every, 1)
+        _check_count("snapshot_every", snapshot_every, 1)
+        if snapshot_every % update_every:
+            raise ValueError(
+                "`snapshot_every` must be a multiple of `update_every`, so that "
+                "every snapshot follows an update. Received: "
+                f"snapshot_every={snapshot_every!r}, update_every={update_every!r}"
+            )
+        if snapshot_dtype not in SNAPSHOT_DTYPES:
+            raise ValueError(
+                f"`snapshot_dtype` must be one of {SNAPSHOT_DTYPES}. "
+                f"Received: snapshot_dtype={snapshot_dtype!r}"
+            )
+        if max_snapshots is not None:
+            _check_count("max_snapshots", max_snapshots, 3)
+        if verbose not in (0, 1):
+            raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
+        super().__init__(
+            profiles={
+                profile_name(s): PowerFunctionSchedule(
+                    sigma_rel=s, update_every=update_every
+                )
+                for s in sigma_rels
+            },
+            offload_to_host=offload_to_host,
+        )
+        self.directory = os.fspath(directory)
+        self.sigma_rels = sigma_rels
+        self.snapshot_every = snapshot_every
+        self.update_every = update_every
+        self.snapshot_dtype = snapshot_dtype
+        self.max_snapshots = max_snapshots
+        self.verbose = verbose
+        self.run_id = secrets.token_hex(16)
+        self._fingerprint = None
+        # The step of the newest snapshot of this run in `directory`; `None`
+        # until the folder is checked for the current state.
+        self._last_snapshot = None
+        # Outside `fit`: the step counter mirrored on the host.
+        self._host_step = None
+        # During `fit`, once the run is checked: the counter's host mirror.
+        self._fit_steps = None
+        self._verified = set()
+        self._writer = None
+        self._pending = []
+
+    # ------------------------------------------------------------------
+    # Public surface
+
+    def update(self) -> None:
+        """One update of every profile, for use outside `fit`; writes a
+        snapshot if the step is a snapshot step."""
+        self._require_state()
+        self._require_online_weights("update()")
+        if self._host_step is None or self._last_snapshot is None:
+            step = self.step
+            self._start_run(step)
+            self._host_step = step
+        super().update()
+        self._host_step += 1
+        self._snapshot_if_due(self._host_step)
+
+    def snapshot(self) -> int | None:
+        """Writes a snapshot of the averages now, dated by the step of the
+        latest update (as at the end of `fit`), unless one of that step
+        exists.
+
+        Returns:
+            The step of the snapshot, or `None` if no update happened yet.
+        """
+        step = self.step
+        if self._last_snapshot is None:
+            self._start_run(step)
+        return self._snapshot_latest_update(step)
+
+    def wait(self) -> None:
+        """Waits until every snapshot handed to the background writer is in
+        its file (and old ones are deleted), and raises the first error a
+        write met."""
+        try:
+            self._finish_writes()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def get_config(self) -> dict:
+        return {
+            "directory": self.directory,
+            "sigma_rels": list(self.sigma_rels),
+            "snapshot_every": self.snapshot_every,
+            "update_every": self.update_every,
+            "snapshot_dtype": self.snapshot_dtype,
+            "max_snapshots": self.max_snapshots,
+            "offload_to_host": self.offload_to_host,
+            "verbose": self.verbose,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> PostHocEMA:
+        return cls(**config)
+
+    # ------------------------------------------------------------------
+    # Keras hooks
+
+    def on_train_begin(self, logs=None) -> None:
+        # Checked before `EMA` puts its update into the model's training, so
+        # that a refusal leaves the model as it was.
+        self._check_fit_setup()
+        self._last_snapshot = None
+        self._host_step = None
+        self._fit_steps = None
+        super().on_train_begin(logs)
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        super().on_epoch_begin(epoch, logs)
+        if self._in_fit and self._fit_steps is None:
+            # After every `on_train_begin`: `BackupAndRestore` has restored
+            # the state (and run id) there.
+            with self._leaving_fit_on_error():
+                self._fit_steps = self._start_fit_run()
+
+    def on_train_batch_begin(self, batch, logs=None) -> None:
+        steps = self._fit_steps
+        if steps is None or batch == 0:
+            return
+        with self._leaving_fit_on_error():
+            if steps.reads_device:
+                # `self.model` syncs Keras' JAX train state into the model,
+                # whose variables are empty during an epoch: only this case
+                # and a snapshot touch it here.
+                iterations = steps.read(self.model.optimizer)
+            else:
+                iterations = steps.epoch_iterations + batch  # Batches so far.
+            self._snapshot_if_due(steps.step_at(iterations))
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        super().on_epoch_end(epoch, logs)
+        steps = self._fit_steps
+        if steps is not None:
+            with self._leaving_fit_on_error():
+                steps.epoch_iterations = steps.read(self.model.optimizer)
+                self._snapshot_if_due(steps.step_at(steps.epoch_iterations))
+
+    def on_train_end(self, logs=None) -> None:
+        started = self._fit_steps is not None
+        self._fit_steps = None
+        super().on_train_end(logs)
+        try:
+            if started:
+                step = self.step
+                self._snapshot_if_due(step)
+                self._snapshot_latest_update(step)
+        finally:
+            self.wait()
+
+    @contextlib.contextmanager
+    def _leaving_fit_on_error(self) -> Iterator[None]:
+        """A hook that fails during `fit` (a refused folder, a failed
+        write) takes the EMA out of the model's training, as the end of
+        `fit` would: Keras calls no `on_train_end` after an error."""
+        try:
+            yield
+        except BaseException:
+            self._fit_steps = None
+            self._finish_training()
+            raise
+
+    # ------------------------------------------------------------------
+    # Internals: state
+
+    def _create_state(self) -> None:
+        model = self.model
+        counts = collections.Counter(w.path for w in model.weights)
+        repeated = sorted(path for path, count in counts.items() if count > 1)
+        if repeated:
+            raise ValueError(
+                "`PostHocEMA` names the variables of its snapshots by path, but "
+                f"model {model.name!r} has several variables with each of the "
+                f"paths {repeated[:10]}. Give its layers distinct names."
+            )
+        super()._create_state()
+        self._fingerprint = model_fingerprint(model.weights)
+        if self.verbose:
+            print(self._disk_usage())
+
+    def _write_state(self, path) -> None:
+        # A checkpoint of step `t` must not be on disk before the snapshots
+        # up to `t`: a run resumed from it would never write them again.
+        if self._last_snapshot is not None and self._state is not None:
+            self._snapshot_if_due(self.step)
+        self.wait()
+        super()._write_state(path)
+
+    def _state_extra(self) -> dict:
+        return {_RUN_ID_KEY: self.run_id}
+
+    def _apply_state(self, header: dict, arrays: list, path) -> None:
+        super()._apply_state(header, arrays, path)
+        run_id = state_io.extra(header).get(_RUN_ID_KEY)
+        if isinstance(run_id, str) and run_id:
+            self.run_id = run_id
+        self._last_snapshot = None
+        self._host_step = None
+
+    def _disk_usage(self) -> str:
+        state = self._state
+        parameters = sum(math.prod(w.shape) for w in state.weights)
+        tracked = {id(w) for w in state.weights}
+        buffers = sum(
+            math.prod(w.shape) for w in state.model.weights if id(w) not in tracked
+        )
+        per_snapshot = (
+            parameters * _STORED_BYTES[self.snapshot_dtype] * len(self.sigma_rels)
+        )
+        per_thousand = per_snapshot * 1000 / self.snapshot_every
+        line = (
+            f"PostHocEMA: each snapshot holds {parameters:,} parameters x "
+            f"{len(self.sigma_rels)} sigma_rels in {self.snapshot_dtype} "
+            f"({_size(per_snapshot)}, plus {buffers:,} buffer values); one "
+            f"every {self.snapshot_every:,} steps takes {_size(per_thousand)} "
+            f"per 1,000 steps in {self.directory!r}"
+        )
+        if self.max_snapshots is not None:
+            line += f", at most {_size(per_snapshot * self.max_snapshots)} in all"
+        return line + "."
+
+    # ------------------------------------------------------------------
+    # Internals: the run and its folder
+
+    def _check_fit_setup(self) -> None:
+        model = self.model
+        if self._state is None and not model.built:
+            raise ValueError(
+                "`PostHocEMA` needs a built model: its snapshots describe the "
+                f"model's variables. Model {model.name!r} is not built; call it "
+                "on data or `model.build(input_shape)` before `fit`."
+            )
+        steps_per_execution = getattr(model, "steps_per_execution", 1) or 1
+        if steps_per_execution == 1:
+            return
+        optimizer = model.optimizer
+        if optimizer_step_rule(optimizer)[1] or isinstance(
+            optimizer, keras.optimizers.LossScaleOptimizer
+        ):
+            raise ValueError(
+                "`steps_per_execution` > 1 needs an optimizer that moves the "
+                "weights at every step (no gradient accumulation, no "
+                "`LossScaleOptimizer`): the snapshot steps could fall inside "
+                "an execution. Received: "
+                f"steps_per_execution={steps_per_execution}, optimizer={optimizer}"
+            )
+        if self.snapshot_every % steps_per_execution:
+            raise ValueError(
+                "`steps_per_execution` must divide `snapshot_every`: a snapshot "
+                "is taken between two executions. Received: "
+                f"steps_per_execution={steps_per_execution}, "
+                f"snapshot_every={self.snapshot_every}"
+            )
+        steps = (self.params or {}).get("steps")
+        if not steps or steps % steps_per_execution:
+            raise ValueError(
+                "`steps_per_execution` must divide the number of steps of each "
+                "epoch, so that every execution holds as many steps. Received: "
+                f"steps_per_execution={steps_per_execution}, steps per "
+                f"epoch={steps}"
+            )
+
+    def _start_fit_run(self) -> _FitSteps:
+        step = self.step
+        steps_per_execution = getattr(self.model, "steps_per_execution", 1) or 1
+        if step % steps_per_execution:
+            raise ValueError(
+                "`steps_per_execution` must divide the EMA's step counter at "
+                "the start of `fit`, so that snapshot steps end executions. "
+                f"Received: steps_per_execution={steps_per_execution}, "
+                f"step={step}"
+            )
+        self._start_run(step)
+        return _FitSteps(self.model.optimizer, step)
+
+    def _start_run(self, step: int) -> None:
+        """Checks that `directory` holds only this run's snapshots and
+        deletes those after `step`, the step the run goes on from."""
+        directory = self.directory
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(
+                "`directory` must be a folder of snapshots, but it is a file. "
+                f"Received: directory={directory!r}"
+            )
+        self.wait()
+        _wait_for_folder(directory)
+        files = _snapshot_files(directory)
+        for _, path in files:
+            if path not in self._verified:
+                self._check_same_run(read_header(path), path)
+                self._verified.add(path)
+        for file_step, path in files:
+            if file_step > step:
+                os.remove(path)
+                self._verified.discard(path)
+        self._last_snapshot = max((s for s, _ in files if s <= step), default=0)
+
+    def _check_same_run(self, header: dict, path: str) -> None:
+        differences = []
+        if header["run_id"] != self.run_id:
+            differences.append(
+                f"run id {header['run_id']!r} (this run: {self.run_id!r})"
+            )
+        if header["fingerprint"] != self._fingerprint:
+            differences.append(
+                "model fingerprint (the paths, shapes or dtypes of the model's "
+                "variables differ: another architecture, or unnamed layers "
+                "numbered anew)"
+            )
+        if tuple(header["sigma_rels"]) != self.sigma_rels:
+            differences.append(
+                f"sigma_rels {header['sigma_rels']} (this run: {list(self.sigma_rels)})"
+            )
+        if differences:
+            raise ValueError(
+                "`directory` must be new, empty or hold the snapshots of this "
+                "run (a run resumed from its saved EMA state keeps its run id), "
+                f"but {path!r} is a snapshot of another run: its "
+                + "; its ".join(differences)
+                + f". Received: directory={self.directory!r}"
+            )
+
+    # ------------------------------------------------------------------
+    # Internals: snapshots
+
+    def _spacing(self, step: int) -> int:
+        """The steps between regular snapshots once the counter is at
+        `step`: `snapshot_every`, doubled as often as `max_snapshots - 1`
+        requires."""
+        spacing = self.snapshot_every
+        if self.max_snapshots is not None:
+            while step // spacing > self.max_snapshots - 1:
+                spacing *= 2
+        return spacing
+
+    def _snapshot_if_due(self, step: int) -> None:
+        if step > self._last_snapshot and step % self._spacing(step) == 0:
+            self._take_snapshot(step)
+
+    def _snapshot_latest_update(self, step: int) -> int | None:
+        latest = step - step % self.update_every
+        if latest < 1:
+            return None
+        if latest > self._last_snapshot:
+            self._take_snapshot(latest)
+        return latest
+
+    def _take_snapshot(self, step: int) -> None:
+        """Copies the averages and buffers to the host, then leaves the file
+        to the background writer."""
+        # One write at a time: the host copies of a snapshot are held until
+        # it is written.
+        self._finish_writes()
+        model = self.model  # On JAX, syncs Keras' train state into the model.
+        state = self._flushed_state()
+        # Variable by variable: under a JAX `keras.distribution` each copy
+        # gathers one variable's shards to the host.
+        averaged = {
+            path: [_host_copy(p.shadows[index].value) for p in state.profiles]
+            for index, path in enumerate(state.paths)
+        }
+        tracked = {id(weight) for weight in state.weights}
+        buffers = {
+            weight.path: _host_copy(weight.value)
+            for weight in model.weights
+            if id(weight) not in tracked
+        }
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="keras_ema_snapshots"
+            )
+        future = self._writer.submit(self._write, step, averaged, buffers)
+        self._pending.append(future)
+        _track(self.directory, future)
+        self._last_snapshot = step
+
+    def _finish_writes(self) -> None:
+        """Waits for the writes handed over so far; raises the first error."""
+        pending, self._pending = self._pending, []
+        error = None
+        for future in pending:
+            try:
+                future.result()
+            except BaseException as exception:
+                error = error or exception
+        if error is not None:
+            raise error
+
+    def _write(self, step: int, averaged: dict, buffers: dict) -> None:
+        """In the writer thread: the file, then (with `max_snapshots`) the
+        deletion of the snapshots the spacing no longer keeps."""
+        path = write_snapshot(
+            self.directory,
+            step,
+            self.sigma_rels,
+            self.update_every,
+            averaged,
+            buffers,
+            self._fingerprint,
+            self.run_id,
+            self.snapshot_dtype,
+        )
+        self._verified.add(path)
+        if self.max_snapshots is None:
+            return
+        spacing = self._spacing(step)
+        for file_step, other in _snapshot_files(self.directory):
+            if file_step < step and file_step % spacing:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(other)
+                self._verified.discard(other)
+
+
+class _FitSteps:
+    """The EMA's step counter during one `fit`, mirrored on the host from the
+    counter at its start and the optimizer's own counter.
+
+    Args:
+        optimizer: The model's optimizer.
+        step: The EMA's step counter now.
+    """
+
+    def __init__(self, optimizer, step: int):
+        self.accumulation = optimizer_step_rule(optimizer)[1]
+        self.reads_device = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        self.start_step = step
+        self.start_iterations = self.epoch_iterations = self.read(optimizer)
+
+    @staticmethod
+    def read(optimizer) -> int:
+        """The optimizer's own counter now (its inner optimizer's, for a
+        `LossScaleOptimizer`), read from the device."""
+        iterations, _ = optimizer_step_rule(optimizer)
+        return int(ops.convert_to_numpy(iterations.value))
+
+    def step_at(self, iterations: int) -> int:
+        """The EMA's step counter once the optimizer's is at `iterations`:
+        one step per optimizer step that moved the weights."""
+        if self.accumulation:
+            a = self.accumulation
+            moved = iterations // a - self.start_iterations // a
+        else:
+            moved = iterations - self.start_iterations
+        return self.start_step + moved
+
+
+def _check_count(name: str, value, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise ValueError(
+            f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
+        )
+
+
+def _host_copy(value) -> np.ndarray:
+    """A NumPy copy of one variable's value that shares no memory with it
+    (TensorFlow and torch hand out views of CPU buffers that later steps
+    overwrite)."""
+    array = ops.convert_to_numpy(value)
+    if array.flags.owndata and array.base is None:
+        return array
+    return np.array(array, copy=True)
+
+
+def _snapshot_files(directory: str) -> list:
+    """`(step, path)` of the snapshot files in `directory`, by step."""
+    if not os.path.isdir(directory):
+        return []
+    files = []
+    for name in os.listdir(directory):
+        if not (name.startswith("snapshot-") and name.endswith(".npz")):
+            continue
+        path = os.path.join(directory, name)
+        match = NAME_PATTERN.fullmatch(name)
+        if not match or snapshot_filename(int(match.group(1))) != name:
+            raise ValueError(
+                f"{path!r} is not a valid keras_ema post-hoc EMA snapshot: its "
+                "name is not `snapshot-<step, 12 digits>.npz`."
+            )
+        files.append((int(match.group(1)), path))
+    return sorted(files)
+
+
+def _folder_key(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
+def _track(directory: str, future) -> None:
+    key = _folder_key(directory)
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.setdefault(key, set()).add(future)
+
+    def done(finished) -> None:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.get(key, set()).discard(finished)
+
+    future.add_done_callback(done)
+
+
+def _wait_for_folder(directory: str) -> None:
+    """Waits for every write in flight to `directory` (their errors are
+    their callbacks' to raise)."""
+    with _IN_FLIGHT_LOCK:
+        futures = list(_IN_FLIGHT.get(_folder_key(directory), ()))
+    concurrent.futures.wait(futures)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
