@@ -420,6 +420,7 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._require_online_weights("fit")
+        self._refuse_another_ema_in_this_fit()
         self._fit_schedules = [
             schedule.in_steps(
                 (self.params or {}).get("steps"),
@@ -582,6 +583,23 @@ class EMA(keras.callbacks.Callback):
                 f"Received: profile={profile!r}"
             )
         return names.index(profile)
+
+    def _refuse_another_ema_in_this_fit(self) -> None:
+        # Each EMA installs its update in the model's compiled train step;
+        # two would each install their own around Keras' step, and only the
+        # last one would run. Several averages belong in one callback.
+        others = [
+            callback
+            for callback in _internals.fit_callbacks(self.model)
+            if isinstance(callback, EMA) and callback is not self
+        ]
+        if others:
+            raise ValueError(
+                "One `fit` can run one `keras_ema` callback (`EMA` or "
+                "`PostHocEMA`); keep several averages in one with "
+                "`keras_ema.EMA(profiles={...})`. Received: callbacks "
+                f"{[type(c).__name__ for c in [self, *others]]}"
+            )
 
     def _require_online_weights(self, action: str) -> None:
         if self._swaps.in_block:

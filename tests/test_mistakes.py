@@ -162,3 +162,18 @@ def test_validate_is_in_the_config():
     ema = keras_ema.EMA(validate="ema")
     assert ema.get_config()["validate"] == "ema"
     assert keras_ema.EMA.from_config(ema.get_config()).validate == "ema"
+
+
+def test_two_ema_callbacks_in_one_fit_are_refused_before_any_step():
+    model = make_model()
+    online = {w.path: keras.ops.convert_to_numpy(w.value).copy() for w in model.weights}
+    first, second = keras_ema.EMA(**HP), keras_ema.EMA(**HP, ignore_names=())
+    with pytest.raises(ValueError, match="profiles"):
+        fit(model, [first, second], validation=False)
+    for w in model.weights:
+        np.testing.assert_array_equal(
+            online[w.path], keras.ops.convert_to_numpy(w.value)
+        )
+    # Each alone still trains.
+    fit(model, [first], validation=False)
+    assert first.step == 4
