@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from keras_ema import snapshot_io
-from keras_ema.schedule import _is_int
+from keras_ema.checks import is_int
 from keras_ema.schedule import check_sigma_rel
 from keras_ema.schedule import gamma_to_sigma_rel
 from keras_ema.schedule import sigma_rel_to_gamma
@@ -48,7 +48,7 @@ from keras_ema.snapshot_io import model_fingerprint
 from keras_ema.snapshot_io import read_snapshot
 from keras_ema.snapshot_io import snapshot_filename
 from keras_ema.snapshot_io import write_snapshot
-from keras_ema.state_io import _same_weight
+from keras_ema.weight_paths import same_weight
 
 __all__ = [
     "PostHocRun",
@@ -157,7 +157,7 @@ def _solve(in_steps, in_sigma_rels, out_step, out_sigma_rel) -> _Solution:
             f"Received: len(in_steps)={len(steps)}, "
             f"len(in_sigma_rels)={len(gammas)}"
         )
-    if not _is_int(out_step) or out_step < 1:
+    if not is_int(out_step) or out_step < 1:
         raise ValueError(
             f"`out_step` must be a positive integer. Received: out_step={out_step!r}"
         )
@@ -202,7 +202,7 @@ def _steps(name: str, values) -> np.ndarray:
     if not values:
         raise ValueError(f"`{name}` must not be empty. Received: {name}={values!r}")
     for index, value in enumerate(values):
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(
                 f"`{name}` must hold positive integers. "
                 f"Received: {name}[{index}]={value!r}"
@@ -591,7 +591,7 @@ class PostHocRun:
     def _check_step(self, step) -> int:
         if step is None:
             return self._files[-1].step
-        if not _is_int(step) or step not in self.steps:
+        if not is_int(step) or step not in self.steps:
             steps = self.steps
             shown = steps if len(steps) <= 6 else [*steps[:3], "...", *steps[-3:]]
             raise ValueError(
@@ -682,7 +682,7 @@ class PostHocRun:
         for spec in self._variables:
             path = spec["path"]
             exact = [v for v in variables if v.path == path]
-            found = exact or [v for v in variables if _same_weight(path, v.path)]
+            found = exact or [v for v in variables if same_weight(path, v.path)]
             if len(found) != 1:
                 problem = "no variable" if not found else "several variables"
                 raise ValueError(

@@ -39,12 +39,12 @@ from keras import ops
 
 from keras_ema import state_io
 from keras_ema.callback import EMA
+from keras_ema.checks import check_int_at_least
 from keras_ema.host_counters import optimizer_step_rule
 from keras_ema.schedule import PowerFunctionSchedule
-from keras_ema.schedule import _is_int
+from keras_ema.schedule import checked_sigma_rels
 from keras_ema.snapshot_io import NAME_PATTERN
 from keras_ema.snapshot_io import SNAPSHOT_DTYPES
-from keras_ema.snapshot_io import _checked_sigma_rels
 from keras_ema.snapshot_io import model_fingerprint
 from keras_ema.snapshot_io import read_header
 from keras_ema.snapshot_io import snapshot_filename
@@ -203,9 +203,9 @@ class PostHocEMA(EMA):
                 "`directory` must be a non-empty path. "
                 f"Received: directory={directory!r}"
             )
-        sigma_rels = tuple(float(s) for s in _checked_sigma_rels(sigma_rels))
-        _check_count("update_every", update_every, 1)
-        _check_count("snapshot_every", snapshot_every, 1)
+        sigma_rels = tuple(float(s) for s in checked_sigma_rels(sigma_rels))
+        check_int_at_least("update_every", update_every, 1)
+        check_int_at_least("snapshot_every", snapshot_every, 1)
         if snapshot_every % update_every:
             raise ValueError(
                 "`snapshot_every` must be a multiple of `update_every`, so that "
@@ -218,7 +218,7 @@ class PostHocEMA(EMA):
                 f"Received: snapshot_dtype={snapshot_dtype!r}"
             )
         if max_snapshots is not None:
-            _check_count("max_snapshots", max_snapshots, 3)
+            check_int_at_least("max_snapshots", max_snapshots, 3)
         if verbose not in (0, 1):
             raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
         super().__init__(
@@ -654,13 +654,6 @@ class _FitSteps:
         else:
             moved = iterations - self.start_iterations
         return self.start_step + moved
-
-
-def _check_count(name: str, value, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(
-            f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
-        )
 
 
 def _host_copy(value) -> np.ndarray:

@@ -46,8 +46,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_ema.schedule import _is_int
-from keras_ema.schedule import check_sigma_rel
+from keras_ema.checks import is_int
+from keras_ema.schedule import checked_sigma_rels
 from keras_ema.schedule import sigma_rel_to_gamma
 
 FORMAT = "keras-ema-posthoc-snapshot"
@@ -152,10 +152,10 @@ def write_snapshot(
 def _snapshot_contents(
     step, sigma_rels, update_every, averaged, buffers, fingerprint, run_id, dtype
 ):
-    if not _is_int(step) or step < 1:
+    if not is_int(step) or step < 1:
         raise ValueError(f"`step` must be a positive integer. Received: step={step!r}")
-    sigma_rels = tuple(float(s) for s in _checked_sigma_rels(sigma_rels))
-    if not _is_int(update_every) or update_every < 1:
+    sigma_rels = tuple(float(s) for s in checked_sigma_rels(sigma_rels))
+    if not is_int(update_every) or update_every < 1:
         raise ValueError(
             "`update_every` must be a positive integer. "
             f"Received: update_every={update_every!r}"
@@ -205,23 +205,6 @@ def _snapshot_contents(
         "variables": variables,
     }
     return header, arrays
-
-
-def _checked_sigma_rels(sigma_rels) -> list:
-    if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
-        raise ValueError(
-            "`sigma_rels` must be a sequence of numbers. "
-            f"Received: sigma_rels={sigma_rels!r}"
-        )
-    values = list(sigma_rels)
-    if not values or len(set(values)) != len(values):
-        raise ValueError(
-            "`sigma_rels` must be distinct and not empty. "
-            f"Received: sigma_rels={values!r}"
-        )
-    for index, value in enumerate(values):
-        check_sigma_rel(f"sigma_rels[{index}]", value)
-    return values
 
 
 def _averaged_values(path, values, profiles) -> list:
@@ -550,13 +533,13 @@ def _check_header(header) -> None:
         raise ValueError(f"unsupported version {header.get('version')!r}")
     for key in ("step", "update_every"):
         value = header.get(key)
-        if not _is_int(value) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"`{key}` must be a positive integer, got {value!r}")
     sigma_rels = header.get("sigma_rels")
     gammas = header.get("gammas")
     if not isinstance(sigma_rels, list) or not isinstance(gammas, list):
         raise ValueError("its `sigma_rels` or `gammas` are not lists")
-    _checked_sigma_rels(sigma_rels)
+    checked_sigma_rels(sigma_rels)
     if len(gammas) != len(sigma_rels) or not all(
         isinstance(g, float) and abs(g - sigma_rel_to_gamma(s)) <= 1e-9 * g
         for g, s in zip(gammas, sigma_rels, strict=False)
@@ -580,7 +563,7 @@ def _valid_spec(spec) -> bool:
         and set(spec) == {"path", "shape", "dtype", "kind"}
         and isinstance(spec["path"], str)
         and isinstance(spec["shape"], list)
-        and all(_is_int(d) and d >= 0 for d in spec["shape"])
+        and all(is_int(d) and d >= 0 for d in spec["shape"])
         and isinstance(spec["dtype"], str)
         and spec["kind"] in ("averaged", "buffer")
     ):

@@ -24,12 +24,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import secrets
 
 import keras
 import numpy as np
 from keras import ops
+
+from keras_ema.weight_paths import matches_any
+from keras_ema.weight_paths import same_weight
 
 FORMAT = "keras-ema-state"
 VERSION = 2
@@ -169,7 +171,7 @@ def match(header: dict, arrays: list, state, path: str) -> list:
     The pairing is by position, as Keras pairs the entries of a
     `.weights.h5` file with a model's weights (by the model's structure, not
     by layer names); each pair must have the same shape and dtype, and
-    paths that `_same_weight` accepts.
+    paths that `same_weight` accepts.
     """
     saved_profiles = _profiles(header)
     profiles = [profile.name for profile in state.profiles]
@@ -182,15 +184,15 @@ def match(header: dict, arrays: list, state, path: str) -> list:
     saved = header["variables"]
     if len(saved) != len(state.paths):
         saved_paths = [v["path"] for v in saved]
-        missing = [p for p in state.paths if not _matched(p, saved_paths)]
-        extra = [p for p in saved_paths if not _matched(p, state.paths)]
+        missing = [p for p in state.paths if not matches_any(p, saved_paths)]
+        extra = [p for p in saved_paths if not matches_any(p, state.paths)]
         raise ValueError(
             f"{path!r} holds {len(saved)} EMA variables but the model has "
             f"{len(state.paths)} floating-point weights. Missing from the file: "
             f"{missing[:10]}; not in the model: {extra[:10]}."
         )
     for spec, current, shadow in zip(saved, state.paths, state.shadows, strict=True):
-        if not _same_weight(spec["path"], current):
+        if not same_weight(spec["path"], current):
             raise ValueError(
                 f"{path!r} does not fit this model: variable {current!r} is "
                 f"{spec['path']!r} in the file (another architecture?)."
@@ -207,40 +209,6 @@ def match(header: dict, arrays: list, state, path: str) -> list:
                 f"dtype {_dtype(shadow)} but the file holds {spec['dtype']}."
             )
     return arrays
-
-
-# Keras makes names unique within a process by appending `_<n>` to the
-# default name (`dense`, `dense_1`, ...; `variable_3` for an unnamed weight).
-_AUTO_NUMBER = re.compile(r"_\d+$")
-
-
-def _same_weight(saved: str, current: str) -> bool:
-    """Whether two variable paths name the same weight of one architecture.
-
-    Keras' `.weights.h5` files address weights by the model's structure:
-    attribute names and class names, never the layer names, which Keras
-    numbers anew for each model built in a process (`dense_4/kernel` in one
-    build is `dense_6/kernel` in the next). State files keep `variable.path`
-    instead, so two paths name the same weight when they are equal segment
-    by segment once that `_<n>` suffix is removed from every segment, and up
-    to leading segments: paths lose or gain a leading model name across
-    `keras.models.load_model` (`net/a/kernel` vs `a/kernel`). With the
-    positional pairing, the same count and the shape and dtype checks, this
-    accepts every rebuild of an architecture and still tells layers of
-    another type (`batch_normalization/gamma` vs `layer_normalization/gamma`)
-    or another variable (`moving_mean` vs `gamma`) apart.
-    """
-    saved_segments, current_segments = _segments(saved), _segments(current)
-    shorter, longer = sorted((saved_segments, current_segments), key=len)
-    return longer[len(longer) - len(shorter) :] == shorter
-
-
-def _segments(path: str) -> list[str]:
-    return [_AUTO_NUMBER.sub("", segment) for segment in path.split("/")]
-
-
-def _matched(path: str, others) -> bool:
-    return any(_same_weight(path, other) for other in others)
 
 
 def extra(header: dict) -> dict:

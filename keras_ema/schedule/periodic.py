@@ -1,23 +1,7 @@
-"""Averaging schedules: when the EMA updates, and by how much.
+"""The schedules that update after every `update_every`-th step:
+`BiasCorrectedSchedule`, `PowerFunctionSchedule` and `HalfLifeSchedule`.
 
-A schedule is a pure function of `t`, the number of optimizer steps taken,
-counting the one just taken (so `t >= 1` when an update is considered). It
-answers, for the update considered after step `t`:
-
-- `is_due(t)`: whether an update happens at all;
-- `copies_all(t)`: whether that update copies every tracked weight into the
-  shadow (those left alone by `ignore_names` too), as a warm-up does;
-- `weight(t)`: the interpolation weight `1 - decay` of that update
-  (`1` copies), in float64 on the host; an update that `copies_all` copies
-  whatever its weight;
-- `decay(t)`: the decay reported in logs and by `get_current_decay()`.
-
-`compiled_is_due`, `compiled_copies_all` and `compiled_weight` are the same
-three with `keras.ops` on an int32 scalar tensor, for compiled train steps
-(float32). `WarmupSchedule` is the reference article's class.
-
-`BiasCorrectedSchedule`, `PowerFunctionSchedule` and `HalfLifeSchedule`
-share one rhythm: an update after every `update_every`-th step
+They share one rhythm: an update after every `update_every`-th step
 (`t % update_every == 0`, the first at `t = update_every`, as EDM2 updates),
 the first of them copying every tracked weight. Between updates their
 `weight(t)` and `decay(t)` are those of the latest update made at or before
@@ -28,245 +12,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 
-import numpy as np
 from keras import ops
 
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_real_in(name: str, value, low: float, high: float) -> None:
-    if not _is_real(value) or not low <= value <= high:
-        raise ValueError(
-            f"`{name}` must be a number in [{low:g}, {high:g}]. "
-            f"Received: {name}={value!r}"
-        )
-
-
-def _check_positive(name: str, value) -> None:
-    if not _is_real(value) or not value > 0 or value == float("inf"):
-        raise ValueError(
-            f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
-        )
-
-
-def _check_int_at_least(name: str, value, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(
-            f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
-        )
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """The exponent `gamma` of the power-function EMA of relative width
-    `sigma_rel` (Karras et al. 2024, EDM2).
-
-    `gamma` is the largest real root of
-    `g**3 + 7 g**2 + (16 - s**-2) g + 12 - s**-2`, `s = sigma_rel`. Only
-    `sigma_rel` in `(0, 12**-0.5)` gives a positive `gamma`; above about
-    0.3003 the cubic has no real root at all.
-
-    Args:
-        sigma_rel: The relative standard deviation of the averaging profile,
-            in `(0, 12**-0.5)`.
-
-    Returns:
-        `gamma`, a float > 0.
-    """
-    check_sigma_rel("sigma_rel", sigma_rel)
-    if sigma_rel < _SMALLEST_CUBIC_SIGMA_REL:
-        # `sigma_rel**-2` would overflow the cubic's coefficients; here the
-        # root is `1 / sigma_rel - 3 + O(sigma_rel)`, to float64 precision.
-        gamma = 1.0 / sigma_rel - 3.0
-        if gamma == math.inf:
-            raise ValueError(
-                "`sigma_rel` is too small: its gamma is not a finite float64 "
-                f"number. Received: sigma_rel={sigma_rel!r}"
-            )
-        return gamma
-    return _largest_real_cubic_root(7.0, 16.0 - sigma_rel**-2, 12.0 - sigma_rel**-2)
-
-
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """The relative width `sigma_rel` of the power-function EMA of exponent
-    `gamma`: `sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))`.
-
-    Args:
-        gamma: The exponent of the profile, finite and > 0.
-    """
-    check_gamma("gamma", gamma)
-    # Arranged so that no intermediate overflows for a large gamma.
-    return math.sqrt((gamma + 1) / (gamma + 3)) / (gamma + 2)
-
-
-SIGMA_REL_MAX = 12**-0.5
-# Below it EDM2's cubic has coefficients beyond float64 (about 1e-154).
-_SMALLEST_CUBIC_SIGMA_REL = 1e-150
-
-
-def check_sigma_rel(name: str, value) -> None:
-    if not _is_real(value) or not 0 < value < SIGMA_REL_MAX:
-        raise ValueError(
-            f"`{name}` must be a number in (0, 12**-0.5 = {SIGMA_REL_MAX:.6f}) "
-            f"(a larger one gives no positive gamma). Received: {name}={value!r}"
-        )
-
-
-def check_gamma(name: str, value) -> None:
-    _check_positive(name, value)
-
-
-def _largest_real_cubic_root(b: float, c: float, d: float) -> float:
-    """The largest real root of `x**3 + b x**2 + c x + d`, in float64."""
-    roots = np.roots([1.0, b, c, d])
-    return float(max(r.real for r in roots if abs(r.imag) <= 1e-9 * abs(r)))
-
-
-class Schedule:
-    """Base class of the averaging schedules; see the module docstring."""
-
-    update_every: int
-
-    def is_due(self, t: int) -> bool:
-        raise NotImplementedError
-
-    def copies_all(self, t: int) -> bool:
-        raise NotImplementedError
-
-    def weight(self, t: int) -> float:
-        raise NotImplementedError
-
-    def decay(self, t: int) -> float:
-        raise NotImplementedError
-
-    def compiled_is_due(self, t):
-        raise NotImplementedError
-
-    def compiled_copies_all(self, t):
-        raise NotImplementedError
-
-    def compiled_weight(self, t):
-        raise NotImplementedError
-
-    def first_averaging_step(self) -> int:
-        """The first step `t` whose update averages rather than copies:
-        before it, the EMA is a copy of the weights."""
-        raise NotImplementedError
-
-    def in_steps(
-        self, steps_per_epoch: int | None = None, batch_size: int | None = None
-    ) -> Schedule:
-        """The schedule with every length in optimizer steps, given what a
-        `fit` knows; most schedules are already."""
-        return self
-
-    def get_config(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_config(cls, config: dict):
-        return cls(**config)
-
-
-@dataclasses.dataclass(frozen=True)
-class WarmupSchedule(Schedule):
-    """Hyperparameters of the warm-up EMA, validated on construction.
-
-    Args:
-        beta: Upper bound of the decay, in `[0, 1]`.
-        update_after_step: Number of steps during which the EMA only copies
-            the online weights.
-        update_every: The EMA updates on every `update_every`-th step.
-        inv_gamma: Inverse multiplicative factor of the warm-up, `> 0`.
-        power: Exponent of the warm-up, `> 0`.
-        min_value: Lower bound of the decay, in `[0, beta]`.
-    """
-
-    beta: float = 0.9999
-    update_after_step: int = 100
-    update_every: int = 10
-    inv_gamma: float = 1.0
-    power: float = 2 / 3
-    min_value: float = 0.0
-
-    def __post_init__(self) -> None:
-        _check_real_in("beta", self.beta, 0.0, 1.0)
-        _check_int_at_least("update_after_step", self.update_after_step, 0)
-        _check_int_at_least("update_every", self.update_every, 1)
-        _check_positive("inv_gamma", self.inv_gamma)
-        _check_positive("power", self.power)
-        _check_real_in("min_value", self.min_value, 0.0, 1.0)
-        if self.min_value > self.beta:
-            raise ValueError(
-                "`min_value` must not exceed `beta`. Received: "
-                f"min_value={self.min_value!r}, beta={self.beta!r}"
-            )
-
-    @property
-    def first_average_step(self) -> int:
-        """The first due step (as a count of steps before it) after the
-        warm-up: the article's update there copies every weight first
-        (its `initted` flag)."""
-        return (self.update_after_step // self.update_every + 1) * self.update_every
-
-    def is_due(self, t: int) -> bool:
-        # The article updates when the steps before this one are a multiple
-        # of `update_every`.
-        return (t - 1) % self.update_every == 0
-
-    def copies_all(self, t: int) -> bool:
-        return self.is_due(t) and t - 1 <= self.first_average_step
-
-    def first_averaging_step(self) -> int:
-        return self.first_average_step + self.update_every + 1
-
-    def weight(self, t: int) -> float:
-        elapsed = max(int(t) - self.update_after_step - 1, 0)
-        if elapsed <= 0:
-            return 1.0
-        weight = (1.0 + elapsed / self.inv_gamma) ** -self.power
-        return min(max(weight, 1.0 - self.beta), 1.0 - self.min_value)
-
-    def decay(self, step: int) -> float:
-        """The decay used by an update once the counter has reached `step`.
-
-        This is the article's `get_current_decay()`: `step` is the counter
-        value *after* it was advanced by the update that uses the decay.
-        """
-        elapsed = max(int(step) - self.update_after_step - 1, 0)
-        if elapsed <= 0:
-            return 0.0
-        value = 1.0 - (1.0 + elapsed / self.inv_gamma) ** -self.power
-        return min(max(value, self.min_value), self.beta)
-
-    def compiled_is_due(self, t):
-        return ops.equal(ops.mod(t - 1, self.update_every), 0)
-
-    def compiled_copies_all(self, t):
-        return ops.logical_and(
-            self.compiled_is_due(t), ops.less_equal(t - 1, self.first_average_step)
-        )
-
-    def compiled_weight(self, t):
-        """`weight(t)` as a float32 tensor, for compiled code.
-
-        Computing the interpolation weight directly (rather than `1 - decay`)
-        keeps float32 precision when the decay is close to 1.
-        """
-        elapsed = ops.maximum(
-            ops.cast(t, "float32") - (self.update_after_step + 1.0), 0.0
-        )
-        weight = ops.power(1.0 + elapsed / self.inv_gamma, -self.power)
-        weight = ops.clip(weight, 1.0 - self.beta, 1.0 - self.min_value)
-        return ops.where(elapsed > 0.0, weight, ops.ones_like(weight))
-
+from keras_ema.checks import check_int_at_least
+from keras_ema.checks import check_positive
+from keras_ema.checks import is_real
+from keras_ema.schedule.base import Schedule
+from keras_ema.schedule.conversions import gamma_to_sigma_rel
+from keras_ema.schedule.conversions import sigma_rel_to_gamma
 
 _HALF_LIFE_UNITS = ("steps", "epochs", "samples")
 
@@ -371,12 +125,12 @@ class BiasCorrectedSchedule(_PeriodicSchedule):
     update_every: int = 1
 
     def __post_init__(self) -> None:
-        if not _is_real(self.beta) or not 0.0 <= self.beta < 1.0:
+        if not is_real(self.beta) or not 0.0 <= self.beta < 1.0:
             raise ValueError(
                 "`beta` must be a number in [0, 1) (a decay of 1 never moves "
                 f"from the first copy). Received: beta={self.beta!r}"
             )
-        _check_int_at_least("update_every", self.update_every, 1)
+        check_int_at_least("update_every", self.update_every, 1)
 
     def _update_weight(self, n: int) -> float:
         if n <= 1 or self.beta == 0.0:
@@ -448,7 +202,7 @@ class PowerFunctionSchedule(_PeriodicSchedule):
                 "Exactly one of `sigma_rel` and `gamma` must be given. "
                 f"Received: sigma_rel={self.sigma_rel!r}, gamma={self.gamma!r}"
             )
-        _check_int_at_least("update_every", self.update_every, 1)
+        check_int_at_least("update_every", self.update_every, 1)
         set_field = object.__setattr__  # The dataclass is frozen.
         if self.sigma_rel is not None:
             gamma = sigma_rel_to_gamma(self.sigma_rel)
@@ -522,13 +276,13 @@ class HalfLifeSchedule(_PeriodicSchedule):
     update_every: int = 1
 
     def __post_init__(self) -> None:
-        _check_positive("half_life", self.half_life)
+        check_positive("half_life", self.half_life)
         if not isinstance(self.unit, str) or self.unit not in _HALF_LIFE_UNITS:
             raise ValueError(
                 f"`unit` must be one of {_HALF_LIFE_UNITS}. "
                 f"Received: unit={self.unit!r}"
             )
-        _check_int_at_least("update_every", self.update_every, 1)
+        check_int_at_least("update_every", self.update_every, 1)
 
     def in_steps(
         self, steps_per_epoch: int | None = None, batch_size: int | None = None
@@ -606,30 +360,4 @@ class HalfLifeSchedule(_PeriodicSchedule):
 def _check_count(name: str, value, why: str) -> None:
     if value is None:
         raise ValueError(f"`{name}` must be given: {why}. Received: {name}=None")
-    _check_int_at_least(name, value, 1)
-
-
-def serialize(schedule: Schedule) -> dict:
-    """`{"class_name", "config"}` of a schedule, JSON-compatible."""
-    return {"class_name": type(schedule).__name__, "config": schedule.get_config()}
-
-
-def deserialize(config) -> Schedule:
-    """The schedule that `serialize` described."""
-    classes = {
-        cls.__name__: cls
-        for cls in (
-            WarmupSchedule,
-            BiasCorrectedSchedule,
-            PowerFunctionSchedule,
-            HalfLifeSchedule,
-        )
-    }
-    if isinstance(config, Schedule):
-        return config
-    if not isinstance(config, dict) or config.get("class_name") not in classes:
-        raise ValueError(
-            "A schedule's config must be a dict with a `class_name` among "
-            f"{sorted(classes)} and a `config`. Received: {config!r}"
-        )
-    return classes[config["class_name"]].from_config(config.get("config", {}))
+    check_int_at_least(name, value, 1)
