@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import keras_ema
 from keras_ema import posthoc
-from keras_ema import snapshot_io
+from keras_ema.posthoc import snapshot_io
 
 GAMMA = {0.05: 16.972198602303447, 0.07: 11.244939447857924, 0.10: 6.937203937601809}
 TRACKED = (0.05, 0.10)

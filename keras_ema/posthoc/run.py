@@ -19,7 +19,7 @@ number grows like the fourth power of the number of snapshots), hence float64
 and a least-squares solve.
 
 The snapshot files (one `.npz` per step, JSON header, no pickle) are
-described in `keras_ema.snapshot_io`; `write_snapshot`, `read_snapshot` and
+described in `keras_ema.posthoc.snapshot_io`; `write_snapshot`, `read_snapshot` and
 `model_fingerprint` are re-exported here.
 
 References:
@@ -38,16 +38,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_ema import snapshot_io
 from keras_ema.checks import is_int
+from keras_ema.posthoc import snapshot_io
+from keras_ema.posthoc.snapshot_io import Snapshot
+from keras_ema.posthoc.snapshot_io import model_fingerprint
+from keras_ema.posthoc.snapshot_io import read_snapshot
+from keras_ema.posthoc.snapshot_io import snapshot_filename
+from keras_ema.posthoc.snapshot_io import write_snapshot
 from keras_ema.schedule import check_sigma_rel
 from keras_ema.schedule import gamma_to_sigma_rel
 from keras_ema.schedule import sigma_rel_to_gamma
-from keras_ema.snapshot_io import Snapshot
-from keras_ema.snapshot_io import model_fingerprint
-from keras_ema.snapshot_io import read_snapshot
-from keras_ema.snapshot_io import snapshot_filename
-from keras_ema.snapshot_io import write_snapshot
 from keras_ema.weight_paths import same_weight
 
 __all__ = [

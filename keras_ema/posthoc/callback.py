@@ -41,14 +41,14 @@ from keras_ema import state_io
 from keras_ema.callback import EMA
 from keras_ema.checks import check_int_at_least
 from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.posthoc.snapshot_io import NAME_PATTERN
+from keras_ema.posthoc.snapshot_io import SNAPSHOT_DTYPES
+from keras_ema.posthoc.snapshot_io import model_fingerprint
+from keras_ema.posthoc.snapshot_io import read_header
+from keras_ema.posthoc.snapshot_io import snapshot_filename
+from keras_ema.posthoc.snapshot_io import write_snapshot
 from keras_ema.schedule import PowerFunctionSchedule
 from keras_ema.schedule import checked_sigma_rels
-from keras_ema.snapshot_io import NAME_PATTERN
-from keras_ema.snapshot_io import SNAPSHOT_DTYPES
-from keras_ema.snapshot_io import model_fingerprint
-from keras_ema.snapshot_io import read_header
-from keras_ema.snapshot_io import snapshot_filename
-from keras_ema.snapshot_io import write_snapshot
 
 # Bytes per averaged value in a snapshot file.
 _STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
