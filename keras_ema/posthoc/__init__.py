@@ -1,17 +1,32 @@
-"""Post-hoc EMA (Karras et al. 2024, EDM2): `PostHocEMA` tracks
-power-function EMAs during training and saves snapshots of them
-(`callback`); `PostHocRun` synthesizes the EMA of any length from them after
-training (`run`); the snapshot files are described in `snapshot_io`."""
+"""Post-hoc EMA: snapshots of power-function EMAs, and the EMA of any length
+synthesized from them after training (Karras et al. 2024, EDM2).
 
+During training a few power-function EMAs (EDM2: `sigma_rel` 0.05 and 0.10)
+are tracked and saved together every so often, one snapshot file per step.
+Afterwards `PostHocRun` mixes the snapshots linearly into the EMA of any other
+relative width `sigma_rel`, at any snapshot step.
+
+- `callback`: `PostHocEMA`, which tracks the EMAs and writes the snapshots;
+- `coefficients`: the math: the mix of snapshots and its error;
+- `run`: `PostHocRun`, with `folder` (the files of a run), `matching` (the
+  snapshot variables paired with a model's) and `sweep` (scores over several
+  `sigma_rel`s, and their plot);
+- `layout`, `encoding`, `writer`, `reader`: the snapshot files.
+
+References:
+    - Karras et al., 2024, "Analyzing and Improving the Training Dynamics of
+      Diffusion Models", section 3 and appendix C.
+"""
+
+from keras_ema.posthoc.coefficients import reconstruction_error
+from keras_ema.posthoc.coefficients import solve_coefficients
+from keras_ema.posthoc.layout import model_fingerprint
+from keras_ema.posthoc.layout import snapshot_filename
+from keras_ema.posthoc.reader import Snapshot
+from keras_ema.posthoc.reader import read_snapshot
 from keras_ema.posthoc.run import PostHocRun
-from keras_ema.posthoc.run import SweepResult
-from keras_ema.posthoc.run import reconstruction_error
-from keras_ema.posthoc.run import solve_coefficients
-from keras_ema.posthoc.snapshot_io import Snapshot
-from keras_ema.posthoc.snapshot_io import model_fingerprint
-from keras_ema.posthoc.snapshot_io import read_snapshot
-from keras_ema.posthoc.snapshot_io import snapshot_filename
-from keras_ema.posthoc.snapshot_io import write_snapshot
+from keras_ema.posthoc.sweep import SweepResult
+from keras_ema.posthoc.writer import write_snapshot
 from keras_ema.schedule import gamma_to_sigma_rel
 from keras_ema.schedule import sigma_rel_to_gamma
 

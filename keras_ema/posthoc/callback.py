@@ -4,8 +4,8 @@ The callback is an `EMA` whose profiles are power-function EMAs, one per
 tracked `sigma_rel`, over the trainable weights only. Every `snapshot_every`
 optimizer steps it copies every profile's shadows and the model's other
 weights (its buffers) to the host and hands them to one background thread,
-which writes them with `snapshot_io.write_snapshot`; `PostHocRun` reads the
-folder afterwards.
+which writes them with `write_snapshot`; `PostHocRun` reads the folder
+afterwards.
 
 When to snapshot is decided on the host. The EMA's step counter advances
 once per optimizer step, so it is the counter at the start of the `fit`
@@ -41,12 +41,11 @@ from keras_ema import state_io
 from keras_ema.callback import EMA
 from keras_ema.checks import check_int_at_least
 from keras_ema.host_counters import optimizer_step_rule
-from keras_ema.posthoc.snapshot_io import NAME_PATTERN
-from keras_ema.posthoc.snapshot_io import SNAPSHOT_DTYPES
-from keras_ema.posthoc.snapshot_io import model_fingerprint
-from keras_ema.posthoc.snapshot_io import read_header
-from keras_ema.posthoc.snapshot_io import snapshot_filename
-from keras_ema.posthoc.snapshot_io import write_snapshot
+from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
+from keras_ema.posthoc.folder import snapshot_paths
+from keras_ema.posthoc.layout import model_fingerprint
+from keras_ema.posthoc.reader import read_header
+from keras_ema.posthoc.writer import write_snapshot
 from keras_ema.schedule import PowerFunctionSchedule
 from keras_ema.schedule import checked_sigma_rels
 
@@ -496,7 +495,7 @@ class PostHocEMA(EMA):
             )
         self.wait()
         _wait_for_folder(directory)
-        files = _snapshot_files(directory)
+        files = snapshot_paths(directory)
         for _, path in files:
             if path not in self._verified:
                 self._check_same_run(read_header(path), path)
@@ -616,7 +615,7 @@ class PostHocEMA(EMA):
         if self.max_snapshots is None:
             return
         spacing = self._spacing(step)
-        for file_step, other in _snapshot_files(self.directory):
+        for file_step, other in snapshot_paths(self.directory):
             if file_step < step and file_step % spacing:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(other)
@@ -664,25 +663,6 @@ def _host_copy(value) -> np.ndarray:
     if array.flags.owndata and array.base is None:
         return array
     return np.array(array, copy=True)
-
-
-def _snapshot_files(directory: str) -> list:
-    """`(step, path)` of the snapshot files in `directory`, by step."""
-    if not os.path.isdir(directory):
-        return []
-    files = []
-    for name in os.listdir(directory):
-        if not (name.startswith("snapshot-") and name.endswith(".npz")):
-            continue
-        path = os.path.join(directory, name)
-        match = NAME_PATTERN.fullmatch(name)
-        if not match or snapshot_filename(int(match.group(1))) != name:
-            raise ValueError(
-                f"{path!r} is not a valid keras_ema post-hoc EMA snapshot: its "
-                "name is not `snapshot-<step, 12 digits>.npz`."
-            )
-        files.append((int(match.group(1)), path))
-    return sorted(files)
 
 
 def _folder_key(directory: str) -> str:

@@ -1,35 +1,10 @@
-"""Post-hoc EMA: snapshots of power-function EMAs, and the EMA of any length
-synthesized from them after training (Karras et al. 2024, EDM2).
-
-During training a few power-function EMAs (EDM2: `sigma_rel` 0.05 and 0.10)
-are tracked and saved together every so often, one snapshot file per step.
-Afterwards `PostHocRun` mixes the snapshots linearly into the EMA of any other
-relative width `sigma_rel`, at any snapshot step. Everything here runs on the
-host with NumPy; the math is in float64.
-
-The math. The power-function EMA at time `t` weights the past weights by
-`p(tau) = (g + 1) / t * (tau / t) ** g` on `[0, t]`, `g = gamma`. The target
-profile `p_r` (time `t_r`, `sigma_rel_r`) is approximated by `sum_i x_i p_i`
-over the snapshots with `t_i <= t_r`, least squares in L2:
-`A[i, j] = <p_i, p_j>`, `b[i] = <p_i, p_r>`, `x = lstsq(A, b)`, then
-`x /= sum(x)` so that a constant weight stays constant. The inner products
-have a closed form, computed as a ratio `(t_a / t_b) ** gamma` (never
-`t ** gamma`, which overflows). `A` is badly conditioned (its condition
-number grows like the fourth power of the number of snapshots), hence float64
-and a least-squares solve.
-
-The snapshot files (one `.npz` per step, JSON header, no pickle) are
-described in `keras_ema.posthoc.snapshot_io`; `write_snapshot`, `read_snapshot` and
-`model_fingerprint` are re-exported here.
-
-References:
-    - Karras et al., 2024, "Analyzing and Improving the Training Dynamics of
-      Diffusion Models", section 3 and appendix C.
+"""`PostHocRun`: a folder of post-hoc EMA snapshots, from which it
+synthesizes the EMA of any relative width `sigma_rel` after training
+(Karras et al. 2024, EDM2). Everything here runs on the host with NumPy.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -39,228 +14,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from keras_ema.checks import is_int
-from keras_ema.posthoc import snapshot_io
-from keras_ema.posthoc.snapshot_io import Snapshot
-from keras_ema.posthoc.snapshot_io import model_fingerprint
-from keras_ema.posthoc.snapshot_io import read_snapshot
-from keras_ema.posthoc.snapshot_io import snapshot_filename
-from keras_ema.posthoc.snapshot_io import write_snapshot
+from keras_ema.posthoc import reader
+from keras_ema.posthoc.coefficients import reconstruction_error
+from keras_ema.posthoc.coefficients import solve_coefficients
+from keras_ema.posthoc.folder import read_run
+from keras_ema.posthoc.matching import match_variables
+from keras_ema.posthoc.sweep import SweepResult
+from keras_ema.posthoc.sweep import check_evaluate
+from keras_ema.posthoc.sweep import check_mode
+from keras_ema.posthoc.sweep import checked_targets
+from keras_ema.posthoc.sweep import plot_scores
+from keras_ema.posthoc.sweep import scores_of
 from keras_ema.schedule import check_sigma_rel
-from keras_ema.schedule import gamma_to_sigma_rel
-from keras_ema.schedule import sigma_rel_to_gamma
-from keras_ema.weight_paths import same_weight
-
-__all__ = [
-    "PostHocRun",
-    "Snapshot",
-    "SweepResult",
-    "gamma_to_sigma_rel",
-    "model_fingerprint",
-    "read_snapshot",
-    "reconstruction_error",
-    "sigma_rel_to_gamma",
-    "snapshot_filename",
-    "solve_coefficients",
-    "write_snapshot",
-]
-
-
-# ----------------------------------------------------------------------------
-# The math
-
-
-def solve_coefficients(
-    in_steps: Sequence[int],
-    in_sigma_rels: Sequence[float],
-    out_step: int,
-    out_sigma_rel: float,
-) -> np.ndarray:
-    """Coefficients that mix power-function EMA snapshots into another one.
-
-    The EMA of relative width `out_sigma_rel` at step `out_step` is
-    approximately `sum_i x[i] * snapshot_i`, where snapshot `i` is the EMA of
-    relative width `in_sigma_rels[i]` at step `in_steps[i]`. Only snapshots
-    at or before `out_step` take part (the others get 0); the coefficients
-    minimise the L2 distance between the averaging profiles and are then
-    normalised to sum to 1. Computed in float64.
-
-    Example:
-
-    >>> steps = [s for s in range(4096, 32769, 4096) for _ in range(2)]
-    >>> x = solve_coefficients(steps, [0.05, 0.10] * 8, 32768, 0.07)
-    >>> float(x.sum())
-    1.0
-
-    Args:
-        in_steps: The step of each snapshot, positive integers.
-        in_sigma_rels: The `sigma_rel` of each snapshot, in
-            `(0, 12**-0.5)`.
-        out_step: The step of the target, a positive integer.
-        out_sigma_rel: The `sigma_rel` of the target, in `(0, 12**-0.5)`.
-
-    Returns:
-        A float64 array with one coefficient per snapshot, in input order.
-
-    References:
-        - Karras et al., 2024, "Analyzing and Improving the Training Dynamics
-          of Diffusion Models", appendix C.3 (Algorithm 3).
-    """
-    return _solve(in_steps, in_sigma_rels, out_step, out_sigma_rel).coefficients
-
-
-def reconstruction_error(
-    in_steps: Sequence[int],
-    in_sigma_rels: Sequence[float],
-    out_step: int,
-    out_sigma_rel: float,
-) -> float:
-    """The relative L2 error of the profile that `solve_coefficients` builds.
-
-    With the normalised coefficients `x`, the target profile `p`, and `A`,
-    `b` as in `solve_coefficients`, it is
-    `sqrt((<p, p> - 2 x.b + x.A x) / <p, p>)`: the distance between the
-    synthesized averaging profile and the exact one, relative to the exact
-    one. For any weights `theta(tau)`, the synthesized EMA differs from the
-    exact one by at most this error times `||p||` times the L2 norm of
-    `theta` over training (Cauchy-Schwarz).
-
-    Example:
-
-    >>> steps = [s for s in range(4096, 32769, 4096) for _ in range(2)]
-    >>> error = reconstruction_error(steps, [0.05, 0.10] * 8, 32768, 0.07)
-
-    Args:
-        in_steps: The step of each snapshot, positive integers.
-        in_sigma_rels: The `sigma_rel` of each snapshot, in
-            `(0, 12**-0.5)`.
-        out_step: The step of the target, a positive integer.
-        out_sigma_rel: The `sigma_rel` of the target, in `(0, 12**-0.5)`.
-
-    Returns:
-        The relative error, a float >= 0.
-    """
-    return _solve(in_steps, in_sigma_rels, out_step, out_sigma_rel).error
-
-
-@dataclasses.dataclass(frozen=True)
-class _Solution:
-    coefficients: np.ndarray
-    error: float
-
-
-def _solve(in_steps, in_sigma_rels, out_step, out_sigma_rel) -> _Solution:
-    steps = _steps("in_steps", in_steps)
-    gammas = _gammas("in_sigma_rels", in_sigma_rels)
-    if len(steps) != len(gammas):
-        raise ValueError(
-            "`in_steps` and `in_sigma_rels` must have the same length. "
-            f"Received: len(in_steps)={len(steps)}, "
-            f"len(in_sigma_rels)={len(gammas)}"
-        )
-    if not is_int(out_step) or out_step < 1:
-        raise ValueError(
-            f"`out_step` must be a positive integer. Received: out_step={out_step!r}"
-        )
-    check_sigma_rel("out_sigma_rel", out_sigma_rel)
-    used = steps <= out_step
-    if not used.any():
-        raise ValueError(
-            "`out_step` must not precede every snapshot: no snapshot is at or "
-            f"before it. Received: out_step={out_step!r}, earliest snapshot "
-            f"step={int(steps.min())}"
-        )
-    t = steps[used].astype(np.float64)
-    g = gammas[used]
-    t_out = np.float64(out_step)
-    g_out = np.float64(sigma_rel_to_gamma(float(out_sigma_rel)))
-    a = _inner(t[:, None], g[:, None], t[None, :], g[None, :])
-    b = _inner(t, g, t_out, g_out)
-    x = np.linalg.lstsq(a, b, rcond=None)[0]
-    x = x / x.sum()
-    norm = (g_out + 1) ** 2 / ((2 * g_out + 1) * t_out)
-    squared = (norm - 2 * x @ b + x @ a @ x) / norm
-    coefficients = np.zeros(len(steps))
-    coefficients[used] = x
-    # Rounding can take an exact reconstruction a hair below zero.
-    return _Solution(coefficients, float(np.sqrt(max(squared, 0.0))))
-
-
-def _inner(t_a, g_a, t_b, g_b):
-    """`<p_a, p_b>` of two power-function profiles, as a ratio of times."""
-    ratio = t_a / t_b
-    exponent = np.where(t_a < t_b, g_b, -g_a)
-    return (
-        (g_a + 1)
-        * (g_b + 1)
-        * ratio**exponent
-        / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
-    )
-
-
-def _steps(name: str, values) -> np.ndarray:
-    values = list(values) if not isinstance(values, np.ndarray) else values.tolist()
-    if not values:
-        raise ValueError(f"`{name}` must not be empty. Received: {name}={values!r}")
-    for index, value in enumerate(values):
-        if not is_int(value) or value < 1:
-            raise ValueError(
-                f"`{name}` must hold positive integers. "
-                f"Received: {name}[{index}]={value!r}"
-            )
-    return np.array([int(v) for v in values], dtype=np.int64)
-
-
-def _gammas(name: str, values) -> np.ndarray:
-    values = list(values) if not isinstance(values, np.ndarray) else values.tolist()
-    for index, value in enumerate(values):
-        check_sigma_rel(f"{name}[{index}]", value)
-    return np.array([sigma_rel_to_gamma(float(v)) for v in values], np.float64)
-
-
-# ----------------------------------------------------------------------------
-# Synthesis
-
-
-@dataclasses.dataclass(frozen=True)
-class _File:
-    path: str
-    step: int
-    header: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepResult:
-    """Scores of synthesized EMAs, as returned by `PostHocRun.sweep`.
-
-    Attributes:
-        sigma_rels: The targets, in the order given.
-        scores: The score of each target.
-        mode: `"min"` or `"max"`: which score is best.
-        step: The snapshot step synthesized.
-    """
-
-    sigma_rels: tuple
-    scores: tuple
-    mode: str
-    step: int
-
-    @property
-    def best(self) -> float | None:
-        """The `sigma_rel` of the best score (`None` if every score is NaN)."""
-        index = _best_index(self.scores, self.mode)
-        return None if index is None else self.sigma_rels[index]
-
-    @property
-    def best_score(self) -> float | None:
-        index = _best_index(self.scores, self.mode)
-        return None if index is None else self.scores[index]
-
-
-def _best_index(scores, mode) -> int | None:
-    scores = np.asarray(scores, dtype=np.float64)
-    if np.isnan(scores).all():
-        return None
-    return int(np.nanargmin(scores) if mode == "min" else np.nanargmax(scores))
 
 
 class PostHocRun:
@@ -317,10 +82,7 @@ class PostHocRun:
                 "`directory` must be an existing folder of post-hoc EMA "
                 f"snapshots. Received: directory={self.directory!r}"
             )
-        self._files = self._list_files()
-        reference = self._files[0]
-        for file in self._files[1:]:
-            _check_same_run(file, reference)
+        self._files = read_run(self.directory)
         header = self._files[-1].header
         self._variables = header["variables"]
         self._warned = set()
@@ -424,7 +186,7 @@ class PostHocRun:
             sigma_rel: The target `sigma_rel`, in `(0, 12**-0.5)`.
             step: A snapshot step. Defaults to `None`: the last one.
         """
-        pairs = self._match(model)
+        pairs = match_variables(self._variables, model, self.directory)
         weights = self.synthesize(sigma_rel, step)
         for path, variable in pairs:
             variable.assign(weights[path])
@@ -462,27 +224,12 @@ class PostHocRun:
         Returns:
             A `SweepResult` with `sigma_rels`, `scores` and `best`.
         """
-        targets = _targets(sigma_rels)
-        if not callable(evaluate):
-            raise ValueError(
-                f"`evaluate` must be callable. Received: evaluate={evaluate!r}"
-            )
-        _check_mode(mode)
+        targets = checked_targets(sigma_rels)
+        check_evaluate(evaluate)
+        check_mode(mode)
         step = self._check_step(step)
-        scores = []
-        for target, weights in zip(
-            targets, self._synthesize_all(targets, step), strict=True
-        ):
-            score = evaluate(weights)
-            try:
-                if isinstance(score, (str, bytes)):
-                    raise TypeError
-                scores.append(float(score))
-            except (TypeError, ValueError):
-                raise ValueError(
-                    "`evaluate` must return a number. Received: "
-                    f"{score!r} for sigma_rel={target!r}"
-                ) from None
+        weights = self._synthesize_all(targets, step)
+        scores = scores_of(targets, weights, evaluate)
         return SweepResult(tuple(targets), tuple(scores), mode, step)
 
     def plot(
@@ -516,77 +263,11 @@ class PostHocRun:
         Returns:
             The `Axes`.
         """
-        sigma_rels = np.asarray(sigma_rels, dtype=np.float64)
-        scores = np.asarray(scores, dtype=np.float64)
-        if sigma_rels.ndim != 1 or sigma_rels.shape != scores.shape:
-            raise ValueError(
-                "`sigma_rels` and `scores` must be 1-D and of the same length. "
-                f"Received: shapes {sigma_rels.shape} and {scores.shape}"
-            )
-        _check_mode(mode)
-        if ax is None:
-            try:
-                import matplotlib.pyplot as plt
-            except ImportError as error:
-                raise ImportError(
-                    "`PostHocRun.plot` needs matplotlib: `pip install matplotlib`."
-                ) from error
-            _, ax = plt.subplots()
-        order = np.argsort(sigma_rels)
-        ax.plot(sigma_rels[order], scores[order], marker="o", label=label or "score")
-        for index, tracked in enumerate(self.sigma_rels):
-            ax.axvline(
-                tracked,
-                color="0.5",
-                linestyle="--",
-                linewidth=1,
-                label="tracked sigma_rel" if index == 0 else None,
-            )
-        best = _best_index(scores, mode)
-        if best is not None:
-            ax.plot(
-                sigma_rels[best],
-                scores[best],
-                marker="*",
-                markersize=14,
-                linestyle="none",
-                color="C3",
-                label=f"best: sigma_rel={sigma_rels[best]:.4g}",
-            )
-        ax.set_xlabel("sigma_rel")
-        ax.set_ylabel("score")
-        ax.legend()
-        return ax
+        return plot_scores(
+            sigma_rels, scores, self.sigma_rels, ax=ax, mode=mode, label=label
+        )
 
     # ------------------------------------------------------------------
-
-    def _list_files(self) -> list:
-        files = []
-        for name in sorted(os.listdir(self.directory)):
-            if not (name.startswith("snapshot-") and name.endswith(".npz")):
-                continue
-            path = os.path.join(self.directory, name)
-            match = snapshot_io.NAME_PATTERN.fullmatch(name)
-            if not match or snapshot_filename(int(match.group(1))) != name:
-                raise ValueError(
-                    f"{path!r} is not a valid keras_ema post-hoc EMA snapshot: "
-                    "its name is not `snapshot-<step, 12 digits>.npz`."
-                )
-            header = snapshot_io.read_header(path)
-            if header["step"] != int(match.group(1)):
-                raise ValueError(
-                    f"{path!r} is not a valid keras_ema post-hoc EMA snapshot: "
-                    f"its header holds step {header['step']}, its name step "
-                    f"{int(match.group(1))}."
-                )
-            files.append(_File(path, header["step"], header))
-        if not files:
-            raise ValueError(
-                "`directory` must hold post-hoc EMA snapshots "
-                f"(`snapshot-<step>.npz` files). Received: "
-                f"directory={self.directory!r}, which holds none"
-            )
-        return sorted(files, key=lambda file: file.step)
 
     def _check_step(self, step) -> int:
         if step is None:
@@ -651,21 +332,19 @@ class PostHocRun:
         """Adds one file's averaged values, weighted, to every target's sums
         (and reads its buffers if `buffers` is a dict)."""
         with (
-            snapshot_io.reading(file.path),
-            snapshot_io.open_archive(file.path) as archive,
+            reader.reading(file.path),
+            reader.open_archive(file.path) as archive,
         ):
-            if snapshot_io.checked_header(archive) != file.header:
+            if reader.checked_header(archive) != file.header:
                 raise ValueError("it changed since the directory was listed")
             for index, spec in enumerate(file.header["variables"]):
                 path = spec["path"]
                 if spec["kind"] == "buffer":
                     if buffers is not None:
-                        buffers[path] = snapshot_io.read_buffer(
-                            archive, file.header, index
-                        )
+                        buffers[path] = reader.read_buffer(archive, file.header, index)
                     continue
                 for profile in range(mix.shape[0]):
-                    value = snapshot_io.read_averaged(
+                    value = reader.read_averaged(
                         archive, file.header, index, profile
                     ).astype(np.float64)
                     for target_sums, weight in zip(sums, mix[profile], strict=True):
@@ -673,84 +352,3 @@ class PostHocRun:
                             target_sums[path] += weight * value
                         else:
                             target_sums[path] = weight * value
-
-    def _match(self, model) -> list:
-        """Pairs each variable of the run with the model's; raises, naming
-        the variable, on any mismatch."""
-        variables = list(model.weights)
-        pairs, used = [], set()
-        for spec in self._variables:
-            path = spec["path"]
-            exact = [v for v in variables if v.path == path]
-            found = exact or [v for v in variables if same_weight(path, v.path)]
-            if len(found) != 1:
-                problem = "no variable" if not found else "several variables"
-                raise ValueError(
-                    f"`model` does not fit the snapshots in {self.directory!r}: it "
-                    f"has {problem} matching {path!r}."
-                )
-            (variable,) = found
-            if id(variable) in used:
-                raise ValueError(
-                    f"`model` does not fit the snapshots in {self.directory!r}: "
-                    f"its variable {variable.path!r} matches several snapshot "
-                    "variables."
-                )
-            used.add(id(variable))
-            if tuple(variable.shape) != tuple(spec["shape"]):
-                raise ValueError(
-                    f"`model` does not fit the snapshots in {self.directory!r}: "
-                    f"variable {variable.path!r} has shape {tuple(variable.shape)} "
-                    f"but the snapshots hold {tuple(spec['shape'])}."
-                )
-            pairs.append((path, variable))
-        missing = [
-            v.path
-            for v in variables
-            if id(v) not in used and "float" in snapshot_io.dtype_name(v.dtype)
-        ]
-        if missing:
-            raise ValueError(
-                f"`model` does not fit the snapshots in {self.directory!r}: its "
-                f"variables {missing[:10]} are not in the snapshots."
-            )
-        return pairs
-
-
-def _check_same_run(file: _File, reference: _File) -> None:
-    for key, what in (
-        ("run_id", "run"),
-        ("fingerprint", "model fingerprint"),
-        ("sigma_rels", "tracked sigma_rels"),
-        ("variables", "variables"),
-    ):
-        if file.header[key] != reference.header[key]:
-            shown = (
-                ""
-                if key == "variables"
-                else (f" ({file.header[key]!r} vs {reference.header[key]!r})")
-            )
-            raise ValueError(
-                f"{file.path!r} does not belong with {reference.path!r}: "
-                f"its {what} differ{shown}. A folder must hold the snapshots "
-                "of one run only."
-            )
-
-
-def _targets(sigma_rels) -> list:
-    if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Iterable):
-        raise ValueError(
-            "`sigma_rels` must be a sequence of numbers. "
-            f"Received: sigma_rels={sigma_rels!r}"
-        )
-    targets = [s.item() if isinstance(s, np.generic) else s for s in sigma_rels]
-    if not targets:
-        raise ValueError("`sigma_rels` must not be empty. Received: sigma_rels=[]")
-    for index, target in enumerate(targets):
-        check_sigma_rel(f"sigma_rels[{index}]", target)
-    return targets
-
-
-def _check_mode(mode) -> None:
-    if mode not in ("min", "max"):
-        raise ValueError(f"`mode` must be 'min' or 'max'. Received: mode={mode!r}")

@@ -1,0 +1,221 @@
+"""`write_snapshot`: one post-hoc EMA snapshot file, validated, then written
+atomically (the layout is in `keras_ema.posthoc.layout`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from collections.abc import Sequence
+
+import numpy as np
+
+from keras_ema.checks import is_int
+from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
+from keras_ema.posthoc.encoding import dtype_name
+from keras_ema.posthoc.encoding import encode_averaged
+from keras_ema.posthoc.encoding import encode_buffer
+from keras_ema.posthoc.encoding import is_float
+from keras_ema.posthoc.encoding import is_numeric
+from keras_ema.posthoc.layout import FORMAT
+from keras_ema.posthoc.layout import VERSION
+from keras_ema.posthoc.layout import snapshot_filename
+from keras_ema.schedule import checked_sigma_rels
+from keras_ema.schedule import sigma_rel_to_gamma
+
+
+def write_snapshot(
+    directory: str | os.PathLike,
+    step: int,
+    sigma_rels: Sequence[float],
+    update_every: int,
+    averaged: Mapping[str, Sequence[np.ndarray]],
+    buffers: Mapping[str, np.ndarray],
+    fingerprint: str,
+    run_id: str,
+    dtype: str = "float32",
+) -> str:
+    """Writes one post-hoc EMA snapshot, atomically.
+
+    The snapshot holds, for every averaged variable, its value under each
+    tracked profile, and for every buffer its online value. The file goes to
+    `directory/snapshot_filename(step)` (replacing one of the same step): a
+    temporary file in `directory` first, then `os.replace`. The directory is
+    created if needed. Values are validated before anything is written.
+
+    Example:
+
+    >>> write_snapshot(
+    ...     "snapshots", step=4096, sigma_rels=(0.05, 0.10), update_every=1,
+    ...     averaged={"net/dense/kernel": [kernel_005, kernel_010]},
+    ...     buffers={"net/bn/moving_mean": mean},
+    ...     fingerprint=model_fingerprint(model.weights), run_id="run-1",
+    ... )
+
+    Args:
+        directory: The folder of the run's snapshots.
+        step: The step of the snapshot (optimizer steps taken), >= 1: the
+            time of every profile in it.
+        sigma_rels: The tracked `sigma_rel`s, distinct, in `(0, 12**-0.5)`.
+        update_every: How often the profiles were updated, in steps;
+            recorded as metadata.
+        averaged: Variable path -> one floating-point array per profile, in
+            `sigma_rels` order, all of the variable's shape.
+        buffers: Variable path -> its online value (numeric).
+        fingerprint: A string identifying the model, e.g.
+            `model_fingerprint(model.weights)`.
+        run_id: A string identifying the training run.
+        dtype: How averaged values are stored: `"float32"`, `"float16"` or
+            `"bfloat16"`. Defaults to `"float32"`.
+
+    Returns:
+        The path of the file written.
+    """
+    header, arrays = _snapshot_contents(
+        step, sigma_rels, update_every, averaged, buffers, fingerprint, run_id, dtype
+    )
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, snapshot_filename(step))
+    _write_atomically(path, arrays)
+    return path
+
+
+def _snapshot_contents(
+    step, sigma_rels, update_every, averaged, buffers, fingerprint, run_id, dtype
+):
+    if not is_int(step) or step < 1:
+        raise ValueError(f"`step` must be a positive integer. Received: step={step!r}")
+    sigma_rels = tuple(float(s) for s in checked_sigma_rels(sigma_rels))
+    if not is_int(update_every) or update_every < 1:
+        raise ValueError(
+            "`update_every` must be a positive integer. "
+            f"Received: update_every={update_every!r}"
+        )
+    for name, value in (("fingerprint", fingerprint), ("run_id", run_id)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(
+                f"`{name}` must be a non-empty string. Received: {name}={value!r}"
+            )
+    if dtype not in SNAPSHOT_DTYPES:
+        raise ValueError(
+            f"`dtype` must be one of {SNAPSHOT_DTYPES}. Received: dtype={dtype!r}"
+        )
+    shared = set(averaged) & set(buffers)
+    if shared:
+        raise ValueError(
+            "`averaged` and `buffers` must not share a path. "
+            f"Received: both hold {sorted(shared)[:10]}"
+        )
+    variables, arrays = [], {}
+    for path, values in averaged.items():
+        index = len(variables)
+        values = _averaged_values(path, values, len(sigma_rels))
+        variables.append(_spec(path, values[0], "averaged"))
+        for profile, value in enumerate(values):
+            arrays[f"averaged_{index}_{profile}"] = encode_averaged(path, value, dtype)
+    for path, value in buffers.items():
+        index = len(variables)
+        value = np.asarray(value)
+        if not is_numeric(value.dtype):
+            raise ValueError(
+                f"`buffers` must hold numeric arrays. Received: "
+                f"buffers[{path!r}] of dtype {value.dtype}"
+            )
+        variables.append(_spec(path, value, "buffer"))
+        arrays[f"buffer_{index}"] = encode_buffer(value)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "sigma_rels": list(sigma_rels),
+        "gammas": [sigma_rel_to_gamma(s) for s in sigma_rels],
+        "update_every": int(update_every),
+        "snapshot_dtype": dtype,
+        "fingerprint": fingerprint,
+        "run_id": run_id,
+        "variables": variables,
+    }
+    return header, arrays
+
+
+def _averaged_values(path, values, profiles) -> list:
+    if isinstance(values, np.ndarray) or not isinstance(values, Sequence):
+        raise ValueError(
+            "`averaged` must map each path to a list of arrays, one per profile. "
+            f"Received: averaged[{path!r}] of type {type(values).__name__}"
+        )
+    values = [np.asarray(v) for v in values]
+    if len(values) != profiles:
+        raise ValueError(
+            f"`averaged` must hold one array per profile ({profiles}). "
+            f"Received: {len(values)} arrays for averaged[{path!r}]"
+        )
+    for value in values:
+        if not is_float(value.dtype):
+            raise ValueError(
+                "`averaged` must hold floating-point arrays. "
+                f"Received: averaged[{path!r}] of dtype {value.dtype}"
+            )
+        if value.shape != values[0].shape or value.dtype != values[0].dtype:
+            raise ValueError(
+                "`averaged` must hold arrays of one shape and dtype per path. "
+                f"Received: averaged[{path!r}] with shapes "
+                f"{[v.shape for v in values]} and dtypes "
+                f"{[str(v.dtype) for v in values]}"
+            )
+    return values
+
+
+def _spec(path, value, kind) -> dict:
+    if not isinstance(path, str) or not path:
+        raise ValueError(
+            f"Variable paths must be non-empty strings. Received: path={path!r}"
+        )
+    return {
+        "path": path,
+        "shape": list(value.shape),
+        "dtype": dtype_name(value.dtype),
+        "kind": kind,
+    }
+
+
+def _write_atomically(path: str, arrays: dict) -> None:
+    folder, name = os.path.split(path)
+    # `os.open` with mode 0o666 lets the kernel apply the umask, as for any
+    # new file (`tempfile.mkstemp` would make it 0o600).
+    while True:
+        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            handle = os.open(
+                temporary,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                0o666,
+            )
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: str) -> None:
+    """Makes the rename durable where the platform allows it."""
+    with contextlib.suppress(OSError, AttributeError):
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
