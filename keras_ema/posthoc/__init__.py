@@ -6,7 +6,10 @@ are tracked and saved together every so often, one snapshot file per step.
 Afterwards `PostHocRun` mixes the snapshots linearly into the EMA of any other
 relative width `sigma_rel`, at any snapshot step.
 
-- `callback`: `PostHocEMA`, which tracks the EMAs and writes the snapshots;
+- `callback`: `PostHocEMA`, which tracks the EMAs and writes the snapshots,
+  with `setup_checks` (its refusals), `snapshot_steps` (which steps, and
+  thinning), `host_copies`, `writer_thread` (the background writes),
+  `resume` (taking over a folder) and `disk_usage`;
 - `coefficients`: the math: the mix of snapshots and its error;
 - `run`: `PostHocRun`, with `folder` (the files of a run), `matching` (the
   snapshot variables paired with a model's) and `sweep` (scores over several

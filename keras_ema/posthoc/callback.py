@@ -7,58 +7,41 @@ weights (its buffers) to the host and hands them to one background thread,
 which writes them with `write_snapshot`; `PostHocRun` reads the folder
 afterwards.
 
-When to snapshot is decided on the host. The EMA's step counter advances
-once per optimizer step, so it is the counter at the start of the `fit`
-(read once) plus the optimizer steps since: each batch with a plain
-optimizer, every `gradient_accumulation_steps`-th batch under gradient
-accumulation, and with a `LossScaleOptimizer` (whose skipped steps only the
-device knows) what its inner optimizer's counter says, read back at every
-batch. The count is made in `on_train_batch_begin`, which Keras calls in its
-training thread before the next step; `on_train_batch_end` is not used: Keras
-would either run it in a worker thread while the next step already changes
-the values to copy, or, for a callback that is not async-safe, convert every
-batch's logs to Python numbers first, a device sync per step. The last step
-of an epoch is seen in `on_epoch_end`, where the optimizer's counter is read.
+Which steps get a snapshot is in `keras_ema.posthoc.snapshot_steps`; the
+background thread in `keras_ema.posthoc.writer_thread`.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
-import math
 import os
 import secrets
-import threading
 from collections.abc import Iterator
 from collections.abc import Sequence
 
-import keras
 import numpy as np
-from keras import ops
 
 from keras_ema import state_io
 from keras_ema.callback import EMA
-from keras_ema.checks import check_int_at_least
-from keras_ema.host_counters import optimizer_step_rule
-from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
+from keras_ema.posthoc.disk_usage import disk_usage
 from keras_ema.posthoc.folder import snapshot_paths
+from keras_ema.posthoc.host_copies import snapshot_values
 from keras_ema.posthoc.layout import model_fingerprint
-from keras_ema.posthoc.reader import read_header
+from keras_ema.posthoc.resume import take_over_folder
+from keras_ema.posthoc.setup_checks import check_arguments
+from keras_ema.posthoc.setup_checks import check_distinct_paths
+from keras_ema.posthoc.setup_checks import check_start_step
+from keras_ema.posthoc.setup_checks import check_steps_per_execution
+from keras_ema.posthoc.snapshot_steps import FitSteps
+from keras_ema.posthoc.snapshot_steps import spacing_at
+from keras_ema.posthoc.snapshot_steps import thinned
 from keras_ema.posthoc.writer import write_snapshot
+from keras_ema.posthoc.writer_thread import WriterThread
+from keras_ema.posthoc.writer_thread import wait_for_folder
 from keras_ema.schedule import PowerFunctionSchedule
-from keras_ema.schedule import checked_sigma_rels
 
-# Bytes per averaged value in a snapshot file.
-_STORED_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # The key of the run id in the state file's `extra` header object.
 _RUN_ID_KEY = "posthoc_run_id"
-
-# Snapshot writes not finished yet, by real path of their folder, across
-# callbacks: a callback that takes over a folder (a run resumed in the same
-# process) first waits for the writes of the one it replaces.
-_IN_FLIGHT: dict[str, set] = {}
-_IN_FLIGHT_LOCK = threading.Lock()
 
 
 def profile_name(sigma_rel: float) -> str:
@@ -197,29 +180,15 @@ class PostHocEMA(EMA):
         offload_to_host: bool = False,
         verbose: int = 1,
     ) -> None:
-        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
-            raise ValueError(
-                "`directory` must be a non-empty path. "
-                f"Received: directory={directory!r}"
-            )
-        sigma_rels = tuple(float(s) for s in checked_sigma_rels(sigma_rels))
-        check_int_at_least("update_every", update_every, 1)
-        check_int_at_least("snapshot_every", snapshot_every, 1)
-        if snapshot_every % update_every:
-            raise ValueError(
-                "`snapshot_every` must be a multiple of `update_every`, so that "
-                "every snapshot follows an update. Received: "
-                f"snapshot_every={snapshot_every!r}, update_every={update_every!r}"
-            )
-        if snapshot_dtype not in SNAPSHOT_DTYPES:
-            raise ValueError(
-                f"`snapshot_dtype` must be one of {SNAPSHOT_DTYPES}. "
-                f"Received: snapshot_dtype={snapshot_dtype!r}"
-            )
-        if max_snapshots is not None:
-            check_int_at_least("max_snapshots", max_snapshots, 3)
-        if verbose not in (0, 1):
-            raise ValueError(f"`verbose` must be 0 or 1. Received: verbose={verbose!r}")
+        sigma_rels = check_arguments(
+            directory,
+            sigma_rels,
+            snapshot_every,
+            update_every,
+            snapshot_dtype,
+            max_snapshots,
+            verbose,
+        )
         super().__init__(
             profiles={
                 profile_name(s): PowerFunctionSchedule(
@@ -246,8 +215,7 @@ class PostHocEMA(EMA):
         # During `fit`, once the run is checked: the counter's host mirror.
         self._fit_steps = None
         self._verified = set()
-        self._writer = None
-        self._pending = []
+        self._writer = WriterThread()
 
     # ------------------------------------------------------------------
     # Public surface
@@ -282,12 +250,7 @@ class PostHocEMA(EMA):
         """Waits until every snapshot handed to the background writer is in
         its file (and old ones are deleted), and raises the first error a
         write met."""
-        try:
-            self._finish_writes()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+        self._writer.close()
 
     def get_config(self) -> dict:
         return {
@@ -376,18 +339,20 @@ class PostHocEMA(EMA):
 
     def _create_state(self) -> None:
         model = self.model
-        counts = collections.Counter(w.path for w in model.weights)
-        repeated = sorted(path for path, count in counts.items() if count > 1)
-        if repeated:
-            raise ValueError(
-                "`PostHocEMA` names the variables of its snapshots by path, but "
-                f"model {model.name!r} has several variables with each of the "
-                f"paths {repeated[:10]}. Give its layers distinct names."
-            )
+        check_distinct_paths(model)
         super()._create_state()
         self._fingerprint = model_fingerprint(model.weights)
         if self.verbose:
-            print(self._disk_usage())
+            print(
+                disk_usage(
+                    self._state,
+                    self.sigma_rels,
+                    self.snapshot_dtype,
+                    self.snapshot_every,
+                    self.max_snapshots,
+                    self.directory,
+                )
+            )
 
     def _write_state(self, path) -> None:
         # A checkpoint of step `t` must not be on disk before the snapshots
@@ -408,28 +373,6 @@ class PostHocEMA(EMA):
         self._last_snapshot = None
         self._host_step = None
 
-    def _disk_usage(self) -> str:
-        state = self._state
-        parameters = sum(math.prod(w.shape) for w in state.weights)
-        tracked = {id(w) for w in state.weights}
-        buffers = sum(
-            math.prod(w.shape) for w in state.model.weights if id(w) not in tracked
-        )
-        per_snapshot = (
-            parameters * _STORED_BYTES[self.snapshot_dtype] * len(self.sigma_rels)
-        )
-        per_thousand = per_snapshot * 1000 / self.snapshot_every
-        line = (
-            f"PostHocEMA: each snapshot holds {parameters:,} parameters x "
-            f"{len(self.sigma_rels)} sigma_rels in {self.snapshot_dtype} "
-            f"({_size(per_snapshot)}, plus {buffers:,} buffer values); one "
-            f"every {self.snapshot_every:,} steps takes {_size(per_thousand)} "
-            f"per 1,000 steps in {self.directory!r}"
-        )
-        if self.max_snapshots is not None:
-            line += f", at most {_size(per_snapshot * self.max_snapshots)} in all"
-        return line + "."
-
     # ------------------------------------------------------------------
     # Internals: the run and its folder
 
@@ -441,48 +384,13 @@ class PostHocEMA(EMA):
                 f"model's variables. Model {model.name!r} is not built; call it "
                 "on data or `model.build(input_shape)` before `fit`."
             )
-        steps_per_execution = getattr(model, "steps_per_execution", 1) or 1
-        if steps_per_execution == 1:
-            return
-        optimizer = model.optimizer
-        if optimizer_step_rule(optimizer)[1] or isinstance(
-            optimizer, keras.optimizers.LossScaleOptimizer
-        ):
-            raise ValueError(
-                "`steps_per_execution` > 1 needs an optimizer that moves the "
-                "weights at every step (no gradient accumulation, no "
-                "`LossScaleOptimizer`): the snapshot steps could fall inside "
-                "an execution. Received: "
-                f"steps_per_execution={steps_per_execution}, optimizer={optimizer}"
-            )
-        if self.snapshot_every % steps_per_execution:
-            raise ValueError(
-                "`steps_per_execution` must divide `snapshot_every`: a snapshot "
-                "is taken between two executions. Received: "
-                f"steps_per_execution={steps_per_execution}, "
-                f"snapshot_every={self.snapshot_every}"
-            )
-        steps = (self.params or {}).get("steps")
-        if not steps or steps % steps_per_execution:
-            raise ValueError(
-                "`steps_per_execution` must divide the number of steps of each "
-                "epoch, so that every execution holds as many steps. Received: "
-                f"steps_per_execution={steps_per_execution}, steps per "
-                f"epoch={steps}"
-            )
+        check_steps_per_execution(model, self.snapshot_every, self.params)
 
-    def _start_fit_run(self) -> _FitSteps:
+    def _start_fit_run(self) -> FitSteps:
         step = self.step
-        steps_per_execution = getattr(self.model, "steps_per_execution", 1) or 1
-        if step % steps_per_execution:
-            raise ValueError(
-                "`steps_per_execution` must divide the EMA's step counter at "
-                "the start of `fit`, so that snapshot steps end executions. "
-                f"Received: steps_per_execution={steps_per_execution}, "
-                f"step={step}"
-            )
+        check_start_step(self.model, step)
         self._start_run(step)
-        return _FitSteps(self.model.optimizer, step)
+        return FitSteps(self.model.optimizer, step)
 
     def _start_run(self, step: int) -> None:
         """Checks that `directory` holds only this run's snapshots and
@@ -494,55 +402,21 @@ class PostHocEMA(EMA):
                 f"Received: directory={directory!r}"
             )
         self.wait()
-        _wait_for_folder(directory)
-        files = snapshot_paths(directory)
-        for _, path in files:
-            if path not in self._verified:
-                self._check_same_run(read_header(path), path)
-                self._verified.add(path)
-        for file_step, path in files:
-            if file_step > step:
-                os.remove(path)
-                self._verified.discard(path)
-        self._last_snapshot = max((s for s, _ in files if s <= step), default=0)
-
-    def _check_same_run(self, header: dict, path: str) -> None:
-        differences = []
-        if header["run_id"] != self.run_id:
-            differences.append(
-                f"run id {header['run_id']!r} (this run: {self.run_id!r})"
-            )
-        if header["fingerprint"] != self._fingerprint:
-            differences.append(
-                "model fingerprint (the paths, shapes or dtypes of the model's "
-                "variables differ: another architecture, or unnamed layers "
-                "numbered anew)"
-            )
-        if tuple(header["sigma_rels"]) != self.sigma_rels:
-            differences.append(
-                f"sigma_rels {header['sigma_rels']} (this run: {list(self.sigma_rels)})"
-            )
-        if differences:
-            raise ValueError(
-                "`directory` must be new, empty or hold the snapshots of this "
-                "run (a run resumed from its saved EMA state keeps its run id), "
-                f"but {path!r} is a snapshot of another run: its "
-                + "; its ".join(differences)
-                + f". Received: directory={self.directory!r}"
-            )
+        wait_for_folder(directory)
+        self._last_snapshot = take_over_folder(
+            directory,
+            step,
+            self._verified,
+            run_id=self.run_id,
+            fingerprint=self._fingerprint,
+            sigma_rels=self.sigma_rels,
+        )
 
     # ------------------------------------------------------------------
     # Internals: snapshots
 
     def _spacing(self, step: int) -> int:
-        """The steps between regular snapshots once the counter is at
-        `step`: `snapshot_every`, doubled as often as `max_snapshots - 1`
-        requires."""
-        spacing = self.snapshot_every
-        if self.max_snapshots is not None:
-            while step // spacing > self.max_snapshots - 1:
-                spacing *= 2
-        return spacing
+        return spacing_at(step, self.snapshot_every, self.max_snapshots)
 
     def _snapshot_if_due(self, step: int) -> None:
         if step > self._last_snapshot and step % self._spacing(step) == 0:
@@ -561,41 +435,12 @@ class PostHocEMA(EMA):
         to the background writer."""
         # One write at a time: the host copies of a snapshot are held until
         # it is written.
-        self._finish_writes()
+        self._writer.finish()
         model = self.model  # On JAX, syncs Keras' train state into the model.
         state = self._flushed_state()
-        # Variable by variable: under a JAX `keras.distribution` each copy
-        # gathers one variable's shards to the host.
-        averaged = {
-            path: [_host_copy(p.shadows[index].value) for p in state.profiles]
-            for index, path in enumerate(state.paths)
-        }
-        tracked = {id(weight) for weight in state.weights}
-        buffers = {
-            weight.path: _host_copy(weight.value)
-            for weight in model.weights
-            if id(weight) not in tracked
-        }
-        if self._writer is None:
-            self._writer = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="keras_ema_snapshots"
-            )
-        future = self._writer.submit(self._write, step, averaged, buffers)
-        self._pending.append(future)
-        _track(self.directory, future)
+        averaged, buffers = snapshot_values(state, model)
+        self._writer.submit(self.directory, self._write, step, averaged, buffers)
         self._last_snapshot = step
-
-    def _finish_writes(self) -> None:
-        """Waits for the writes handed over so far; raises the first error."""
-        pending, self._pending = self._pending, []
-        error = None
-        for future in pending:
-            try:
-                future.result()
-            except BaseException as exception:
-                error = error or exception
-        if error is not None:
-            raise error
 
     def _write(self, step: int, averaged: dict, buffers: dict) -> None:
         """In the writer thread: the file, then (with `max_snapshots`) the
@@ -614,84 +459,8 @@ class PostHocEMA(EMA):
         self._verified.add(path)
         if self.max_snapshots is None:
             return
-        spacing = self._spacing(step)
-        for file_step, other in snapshot_paths(self.directory):
-            if file_step < step and file_step % spacing:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(other)
-                self._verified.discard(other)
-
-
-class _FitSteps:
-    """The EMA's step counter during one `fit`, mirrored on the host from the
-    counter at its start and the optimizer's own counter.
-
-    Args:
-        optimizer: The model's optimizer.
-        step: The EMA's step counter now.
-    """
-
-    def __init__(self, optimizer, step: int):
-        self.accumulation = optimizer_step_rule(optimizer)[1]
-        self.reads_device = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.start_step = step
-        self.start_iterations = self.epoch_iterations = self.read(optimizer)
-
-    @staticmethod
-    def read(optimizer) -> int:
-        """The optimizer's own counter now (its inner optimizer's, for a
-        `LossScaleOptimizer`), read from the device."""
-        iterations, _ = optimizer_step_rule(optimizer)
-        return int(ops.convert_to_numpy(iterations.value))
-
-    def step_at(self, iterations: int) -> int:
-        """The EMA's step counter once the optimizer's is at `iterations`:
-        one step per optimizer step that moved the weights."""
-        if self.accumulation:
-            a = self.accumulation
-            moved = iterations // a - self.start_iterations // a
-        else:
-            moved = iterations - self.start_iterations
-        return self.start_step + moved
-
-
-def _host_copy(value) -> np.ndarray:
-    """A NumPy copy of one variable's value that shares no memory with it
-    (TensorFlow and torch hand out views of CPU buffers that later steps
-    overwrite)."""
-    array = ops.convert_to_numpy(value)
-    if array.flags.owndata and array.base is None:
-        return array
-    return np.array(array, copy=True)
-
-
-def _folder_key(directory: str) -> str:
-    return os.path.realpath(directory)
-
-
-def _track(directory: str, future) -> None:
-    key = _folder_key(directory)
-    with _IN_FLIGHT_LOCK:
-        _IN_FLIGHT.setdefault(key, set()).add(future)
-
-    def done(finished) -> None:
-        with _IN_FLIGHT_LOCK:
-            _IN_FLIGHT.get(key, set()).discard(finished)
-
-    future.add_done_callback(done)
-
-
-def _wait_for_folder(directory: str) -> None:
-    """Waits for every write in flight to `directory` (their errors are
-    their callbacks' to raise)."""
-    with _IN_FLIGHT_LOCK:
-        futures = list(_IN_FLIGHT.get(_folder_key(directory), ()))
-    concurrent.futures.wait(futures)
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if count < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    raise AssertionError("unreachable")
+        files = snapshot_paths(self.directory)
+        for other in thinned(files, step, self._spacing(step)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(other)
+            self._verified.discard(other)
