@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import pathlib
 
 import keras
 import pytest
@@ -34,8 +35,23 @@ def test_raw_iterations_is_the_optimizer_counter_variable():
     assert any(counter is v for v in optimizer.variables)
 
 
+# The Keras range of pyproject.toml; CI runs the suite on 3.12, 3.14 and 3.15.
+SUPPORTED_KERAS = ((3, 12), (3, 16))
+PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
 def test_supported_keras_version():
-    assert (3, 12) <= _internals.keras_version()[:2] < (3, 16)
+    low, high = SUPPORTED_KERAS
+    assert low <= _internals.keras_version()[:2] < high
+
+
+@pytest.mark.skipif(not PYPROJECT.exists(), reason="Needs the source tree.")
+def test_supported_keras_version_is_the_range_pyproject_declares():
+    tomllib = pytest.importorskip("tomllib")
+    dependencies = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    (low, high) = SUPPORTED_KERAS
+    expected = f"keras>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    assert expected in dependencies
 
 
 def test_train_function_attribute_is_used_by_fit():
