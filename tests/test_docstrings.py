@@ -17,6 +17,7 @@ import inspect
 import pathlib
 import pkgutil
 import re
+import shutil
 
 import keras
 import numpy as np
@@ -104,29 +105,10 @@ def _collect_doctests() -> list[doctest.DocTest]:
 
 DOCTESTS = _collect_doctests()
 
-# Examples that use names the prepared namespace does not have. Each is a
-# strict xfail: once it runs, the test fails until it is taken off this list.
-NEEDS_MORE_THAN_THE_NAMESPACE = {
-    "keras_ema.posthoc.PostHocRun": (
-        "reads a folder 'snapshots' written by a PostHocEMA fit, and scores "
-        "with an undefined my_loss"
-    ),
-    "keras_ema.posthoc.PostHocRun.sweep": "uses an undefined run (a PostHocRun)",
-    "keras_ema.posthoc.PostHocRun.plot": (
-        "uses an undefined run (a PostHocRun) and evaluate"
-    ),
-    "keras_ema.snapshot_io.write_snapshot": (
-        "writes undefined arrays kernel_005, kernel_010 and mean"
-    ),
-    "keras_ema.snapshot_io.read_snapshot": "reads a snapshot file not written here",
-}
-
 
 def _params():
     for test in DOCTESTS:
-        reason = NEEDS_MORE_THAN_THE_NAMESPACE.get(test.name)
-        marks = () if reason is None else pytest.mark.xfail(strict=True, reason=reason)
-        yield pytest.param(test, id=test.name, marks=marks)
+        yield pytest.param(test, id=test.name)
 
 
 class _OutputChecker(doctest.OutputChecker):
@@ -165,9 +147,24 @@ def test_every_example_in_the_source_is_collected():
     assert collected == prompts_in_source
 
 
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory) -> pathlib.Path:
+    """A folder of post-hoc EMA snapshots of `make_model()` (steps 2, 4, 6,
+    8), for the examples of `PostHocRun` and the snapshot files."""
+    folder = tmp_path_factory.mktemp("posthoc") / "snapshots"
+    model = make_model()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    posthoc = keras_ema.PostHocEMA(folder, snapshot_every=2, verbose=0)
+    model.fit(x, x[:, :1], batch_size=8, epochs=1, verbose=0, callbacks=[posthoc])
+    return folder
+
+
 @pytest.mark.parametrize("test", list(_params()))
-def test_docstring_examples_run(test, tmp_path, monkeypatch):
-    # Examples save files ("ema_model.keras"): into a fresh folder.
+def test_docstring_examples_run(test, tmp_path, monkeypatch, snapshots):
+    # Examples save files ("ema_model.keras"): into a fresh folder, which
+    # holds a copy of the `snapshots` folder.
+    shutil.copytree(snapshots, tmp_path / "snapshots")
     monkeypatch.chdir(tmp_path)
     # A copy with the module's globals, then the prepared names; running it
     # clears that copy only.

@@ -120,11 +120,13 @@ class PostHocEMA(EMA):
     Example:
 
     >>> posthoc = keras_ema.PostHocEMA(
-    ...     "snapshots", sigma_rels=(0.05, 0.10), snapshot_every=1000
+    ...     "my_run", sigma_rels=(0.05, 0.10), snapshot_every=4
     ... )
     >>> backup = keras.callbacks.BackupAndRestore("backup")
-    >>> model.fit(x, y, epochs=100, callbacks=[posthoc, backup])
-    >>> run = keras_ema.PostHocRun("snapshots")
+    >>> model.fit(x, y, epochs=5, callbacks=[posthoc, backup], verbose=0)
+    >>> run = keras_ema.PostHocRun("my_run")
+    >>> run.steps
+    [4, 8, 10]
     >>> run.synthesize_into(model, sigma_rel=0.07)
 
     Args:

@@ -56,8 +56,11 @@ def read_snapshot(path: str | os.PathLike) -> Snapshot:
 
     Example:
 
-    >>> snapshot = read_snapshot("snapshots/snapshot-000000004096.npz")
-    >>> snapshot.averaged["net/dense/kernel"][0]  # as tracked by profile 0
+    >>> snapshot = read_snapshot("snapshots/snapshot-000000000008.npz")
+    >>> snapshot.step
+    8
+    >>> snapshot.averaged["net/d1/kernel"][0].shape  # as tracked by profile 0
+    (6, 8)
 
     Args:
         path: The file.

@@ -55,15 +55,19 @@ class PostHocRun:
 
     Example:
 
-    >>> run = keras_ema.PostHocRun("snapshots")
-    >>> run.steps[-1], run.sigma_rels
-    (100000, (0.05, 0.1))
+    >>> run = keras_ema.PostHocRun("snapshots")  # written by PostHocEMA
+    >>> run.sigma_rels
+    (0.05, 0.1)
     >>> weights = run.synthesize(0.07)  # path -> numpy array
     >>> run.synthesize_into(model, 0.07)
-    >>> result = run.sweep([0.03, 0.05, 0.07, 0.1, 0.15], evaluate=my_loss)
-    >>> run.plot(result.sigma_rels, result.scores)
-    >>> result.best
-    0.07
+    >>> def val_loss(weights):
+    ...     for variable in model.weights:
+    ...         variable.assign(weights[variable.path])
+    ...     return model.evaluate(x_val, y_val, verbose=0)[0]
+    >>> result = run.sweep([0.03, 0.05, 0.07, 0.1, 0.15], val_loss)
+    >>> ax = run.plot(result.sigma_rels, result.scores)
+    >>> result.best in result.sigma_rels
+    True
 
     Args:
         directory: The folder written during training, holding one
@@ -207,12 +211,14 @@ class PostHocRun:
 
         Example:
 
+        >>> run = keras_ema.PostHocRun("snapshots")
         >>> def evaluate(weights):
         ...     for variable in model.weights:
         ...         variable.assign(weights[variable.path])
         ...     return model.evaluate(x_val, y_val, verbose=0)[0]
         >>> result = run.sweep(np.linspace(0.03, 0.2, 18), evaluate)
-        >>> result.best
+        >>> len(result.scores)
+        18
 
         Args:
             sigma_rels: The target `sigma_rel`s, each in `(0, 12**-0.5)`.
@@ -247,8 +253,8 @@ class PostHocRun:
 
         Example:
 
-        >>> result = run.sweep(np.linspace(0.03, 0.2, 18), evaluate)
-        >>> ax = run.plot(result.sigma_rels, result.scores)
+        >>> run = keras_ema.PostHocRun("snapshots")
+        >>> ax = run.plot([0.05, 0.07, 0.1], [0.31, 0.29, 0.30])
         >>> ax.figure.savefig("sweep.png")
 
         Args:

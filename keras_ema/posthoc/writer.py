@@ -47,12 +47,14 @@ def write_snapshot(
 
     Example:
 
+    >>> kernel = np.zeros((6, 8), "float32")
     >>> write_snapshot(
-    ...     "snapshots", step=4096, sigma_rels=(0.05, 0.10), update_every=1,
-    ...     averaged={"net/dense/kernel": [kernel_005, kernel_010]},
-    ...     buffers={"net/bn/moving_mean": mean},
-    ...     fingerprint=model_fingerprint(model.weights), run_id="run-1",
+    ...     "my_snapshots", step=4096, sigma_rels=(0.05, 0.10), update_every=1,
+    ...     averaged={"net/d1/kernel": [kernel, kernel + 1.0]},
+    ...     buffers={"net/bn/moving_mean": np.zeros(8, "float32")},
+    ...     fingerprint="my-model", run_id="run-1",
     ... )
+    'my_snapshots/snapshot-000000004096.npz'
 
     Args:
         directory: The folder of the run's snapshots.
