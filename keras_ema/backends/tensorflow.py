@@ -238,12 +238,37 @@ def _assign_update(state, run, read_values, stepped=None, blend=None, packed=Non
         stepped,
         blend or update.blend_elementwise,
     )
-    for variable, value in zip(state.counters, counters, strict=True):
-        variable.assign(value)
-    for variables, values in zip(targets, shadows, strict=True):
+    variables = [*state.counters, *(v for profile in targets for v in profile)]
+    values = [*counters, *(v for profile in shadows for v in profile)]
+    _assign_all(variables, values)
+    return counters, decays
+
+
+def _assign_all(variables, values) -> None:
+    """`variable.assign(value)` for every pair, with one cross-replica call.
+
+    Under a `tf.distribute` strategy each `assign` of a mirrored variable in
+    a replica context is its own `merge_call`, a synchronisation of the
+    replicas per variable. As Keras' optimizer does for its updates, the
+    writes go through one `merge_call` and `extended.update`, which writes
+    each replica's own value to that replica's copy.
+    """
+    replica = tf.distribute.get_replica_context()
+    if replica is None or not tf.distribute.has_strategy():
         for variable, value in zip(variables, values, strict=True):
             variable.assign(value)
-    return counters, decays
+        return
+
+    def assign_in_cross_replica_context(distribution, variables, values):
+        for variable, value in zip(variables, values, strict=True):
+            distribution.extended.update(
+                variable, lambda v, x: v.assign(x), args=(value,), group=False
+            )
+
+    replica.merge_call(
+        assign_in_cross_replica_context,
+        args=([v.value for v in variables], values),
+    )
 
 
 class Engine(base.Engine):
