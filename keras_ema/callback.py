@@ -15,6 +15,7 @@ from keras_ema import _internals
 from keras_ema import advice
 from keras_ema import backends
 from keras_ema import backup
+from keras_ema import orbax_io
 from keras_ema import profiles as profiles_
 from keras_ema import state_io
 from keras_ema.schedule import Schedule
@@ -359,6 +360,19 @@ class EMA(keras.callbacks.Callback):
         state.skipped.assign(header["skipped"])
         self._engine.reload()
 
+    # ------------------------------------------------------------------
+    # Orbax checkpoints (see `backup.ride_along_orbax` and `orbax_io`)
+
+    def _orbax_state(self) -> dict:
+        """The checkpointable an `OrbaxCheckpoint` save holds for this EMA:
+        every profile's shadows, as they are laid out, and the header."""
+        return orbax_io.state_tree(self._flushed_state(), self.get_config())
+
+    def _read_orbax_state(self, step_path, name: str) -> tuple | None:
+        """Reads and checks the checkpointable `name` of an Orbax checkpoint
+        step against the model; changes nothing. `None` if there is none."""
+        return orbax_io.read(step_path, name, self._require_state())
+
     def _follow_loaded_weights(self) -> None:
         """After `model.load_weights` without an EMA file: an EMA that has not
         updated yet is a copy of the weights, so it takes the loaded ones."""
@@ -406,6 +420,7 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._require_online_weights("fit")
+        backup.ride_along_orbax(self.model, _internals.fit_callbacks(self.model))
         self._fit_schedules = [
             schedule.in_steps(
                 (self.params or {}).get("steps"),

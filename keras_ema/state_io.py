@@ -48,9 +48,11 @@ class StateFileNotFoundError(FileNotFoundError, ValueError):
     """
 
 
-def save(path: str, state, hyperparameters: dict) -> None:
-    """Writes `state` (its variables current) to `path`, atomically."""
-    header = {
+def make_header(state, hyperparameters: dict) -> dict:
+    """The header describing `state` (its variables current): the counters,
+    the hyperparameters, the profiles' names and each variable's path,
+    shape and dtype. Orbax checkpoints (`orbax_io`) hold the same header."""
+    return {
         "format": FORMAT,
         "version": VERSION,
         "step": _scalar(state.step),
@@ -62,6 +64,11 @@ def save(path: str, state, hyperparameters: dict) -> None:
             for p, s in zip(state.paths, state.shadows, strict=True)
         ],
     }
+
+
+def save(path: str, state, hyperparameters: dict) -> None:
+    """Writes `state` (its variables current) to `path`, atomically."""
+    header = make_header(state, hyperparameters)
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
     for p, profile in enumerate(state.profiles):
         for i, shadow in enumerate(profile.shadows):
@@ -121,7 +128,7 @@ def read(path: str) -> tuple[dict, list]:
             if "header" not in names:
                 raise ValueError("it has no `header` entry")
             header = json.loads(bytes(archive["header"]).decode())
-            _check_header(header)
+            check_header(header)
             entries = [
                 [_entry(header, p, i) for i in range(len(header["variables"]))]
                 for p in range(len(_profiles(header)))
@@ -248,7 +255,9 @@ def _entry(header: dict, profile: int, index: int) -> str:
     return f"shadow_{profile}_{index}"
 
 
-def _check_header(header) -> None:
+def check_header(header) -> None:
+    """Raises `ValueError` (the reason, without the file's name) unless
+    `header` is a well-formed header of a readable version."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("its header does not name the keras-ema-state format")
     version = header.get("version")

@@ -131,3 +131,19 @@ def start_when_built(model, start):
         f"Model {model.name!r} has none; build it (call it on data or "
         "`model.build(input_shape)`) before using the callback."
     )
+
+
+def require_orbax_support() -> None:
+    """Raises unless the EMA can ride along with Keras' `OrbaxCheckpoint`
+    on this backend."""
+    raise ValueError(
+        "keras_ema.EMA saves its state in `keras.callbacks.OrbaxCheckpoint` "
+        "checkpoints on the JAX backend only. On this backend, save it with "
+        "`keras.callbacks.BackupAndRestore` (it rides along with "
+        "`model.save_weights`) or `ema.save_state()`."
+    )
+
+
+def orbax_target(variable):
+    """The abstract array Orbax restores `variable`'s value as."""
+    require_orbax_support()

@@ -105,6 +105,18 @@ def as_stored(values, dtypes) -> list:
     return values
 
 
+def require_orbax_support() -> None:
+    """Orbax saves and restores JAX arrays as they are sharded."""
+
+
+def orbax_target(variable):
+    """What Orbax restores `variable`'s value as: its shape and dtype, laid
+    out with its own sharding, so that each process reads only the shards
+    it holds and nothing is gathered."""
+    value = variable.value
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
+
+
 def _spans_devices(sharding) -> bool:
     return sharding is not None and len(sharding.device_set) > 1
 

@@ -421,3 +421,7 @@ def make_engine(state) -> base.Engine:
 
 def make_placement(offload: bool) -> base.Placement:
     return HostPlacement() if offload else Placement()
+
+
+require_orbax_support = base.require_orbax_support
+orbax_target = base.orbax_target
