@@ -2,6 +2,7 @@
 
 from keras_ema.callback import EMA
 from keras_ema.checkpoint import EMAModelCheckpoint
+from keras_ema.checkpoint import EMAOrbaxCheckpoint
 from keras_ema.posthoc import PostHocRun
 from keras_ema.schedule import BiasCorrectedSchedule
 from keras_ema.schedule import HalfLifeSchedule
@@ -15,6 +16,7 @@ __all__ = [
     "EMA",
     "BiasCorrectedSchedule",
     "EMAModelCheckpoint",
+    "EMAOrbaxCheckpoint",
     "HalfLifeSchedule",
     "PostHocRun",
     "PowerFunctionSchedule",

@@ -122,6 +122,25 @@ def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
     checkpoint._save_model(epoch=epoch, batch=batch, logs=logs)
 
 
+def orbax_checkpoint_class() -> type:
+    """`keras.callbacks.OrbaxCheckpoint`, or a `ValueError` naming the
+    installed Keras, which has none before 3.14."""
+    checkpoint_class = getattr(keras.callbacks, "OrbaxCheckpoint", None)
+    if checkpoint_class is None:
+        raise ValueError(
+            "Orbax checkpoints need `keras.callbacks.OrbaxCheckpoint`, which "
+            f"Keras has from version 3.14 on. Installed: Keras {keras.__version__}."
+        )
+    return checkpoint_class
+
+
+def orbax_checkpoint_save(checkpoint, step, logs) -> None:
+    """Calls `OrbaxCheckpoint._save_checkpoint`, the one place that writes a
+    checkpoint (every epoch, every N batches, best only), so the EMA swap
+    wraps exactly the write."""
+    checkpoint._save_checkpoint(step=step, logs=logs)
+
+
 def add_orbax_checkpointables(checkpoint, extra: Callable[[], dict]) -> None:
     """Makes each save of `checkpoint` (an `OrbaxCheckpoint`) also hold the
     checkpointables `extra()` returns, in the same step.

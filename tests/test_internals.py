@@ -155,3 +155,11 @@ def test_orbax_checkpoint_step_follows_keras_load_weights(tmp_path):
     assert _internals.orbax_checkpoint_step(tmp_path / "w.weights.h5") is None
     assert _internals.orbax_checkpoint_step(tmp_path / "missing") is None
     assert _internals.orbax_checkpoint_step(tmp_path) is None  # an empty folder
+
+
+def test_orbax_checkpoint_class_names_the_keras_version(monkeypatch):
+    monkeypatch.delattr(keras.callbacks, "OrbaxCheckpoint", raising=False)
+    with pytest.raises(
+        ValueError, match=f"3.14 on. Installed: Keras {keras.__version__}"
+    ):
+        _internals.orbax_checkpoint_class()

@@ -3,7 +3,9 @@
 - `keras.callbacks.OrbaxCheckpoint` saves carry the state of every EMA
   attached to the model (every profile, the counters), and
   `model.load_weights(directory)` restores it, checked first;
-- what is refused: other backends.
+- `keras_ema.EMAOrbaxCheckpoint` saves the EMA weights as a plain Keras
+  Orbax checkpoint;
+- what is refused: other backends, Keras before 3.14.
 
 The runs across processes are in tests/test_multiprocess.py.
 """
@@ -280,6 +282,96 @@ def test_orbax_checkpoint_without_ema_state_resets_an_ema_that_never_updated(
     loaded = float_weights(model)
     for (_, path), value in profile_values(ema).items():
         np.testing.assert_array_equal(value, loaded[path])
+
+
+# --------------------------------------------------------------------------
+# EMA weights as an Orbax checkpoint
+
+
+def functional_model():
+    """The conftest model, functional: Keras 3.15's `load_model` of an Orbax
+    checkpoint restores no weight of a `Sequential` model (it matches
+    variable paths, which lose the model's name when it is rebuilt)."""
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="relu", name="d1")(inputs)
+    hidden = keras.layers.BatchNormalization(name="bn")(hidden)
+    outputs = keras.layers.Dense(1, name="d2")(hidden)
+    model = keras.Model(inputs, outputs, name="net")
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", metrics=["mae"])
+    return model
+
+
+@needs_orbax
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_ema_orbax_checkpoint_holds_the_ema_weights_in_any_order(tmp_path, ema_first):
+    directory = str(tmp_path / "ema")
+    model = functional_model()
+    ema = keras_ema.EMA(profiles=profiles())
+    export = keras_ema.EMAOrbaxCheckpoint(ema, directory, profile="slow")
+    probe = AtEpochEnd(ema)
+    callbacks = [ema, export] if ema_first else [export, ema]
+    fit(model, [probe, *callbacks], epochs=2)
+    _, ema_values, online = probe.seen[1]
+    slow = [v for (name, _), v in ema_values.items() if name == "slow"]
+    # The training model keeps its online weights.
+    assert_bit_equal(online, float_weights(model))
+    assert not np.array_equal(slow[0], online["d1/kernel"])
+
+    keras.backend.clear_session()
+    loaded = keras.models.load_model(directory)
+    for weight, value in zip(loaded.weights, slow, strict=True):
+        np.testing.assert_array_equal(ops.convert_to_numpy(weight.value), value)
+    keras.backend.clear_session()
+    other = functional_model()
+    other.load_weights(directory)
+    for weight, value in zip(other.weights, slow, strict=True):
+        np.testing.assert_array_equal(ops.convert_to_numpy(weight.value), value)
+
+
+@needs_orbax
+def test_ema_weights_saved_with_orbax_inside_swap_weights_load(tmp_path):
+    """Outside `fit`: the recipe of docs/distributed.md."""
+    from orbax.checkpoint import v1 as ocp
+
+    model = make_model()
+    ema = keras_ema.EMA(profiles=profiles())
+    fit(model, [ema])
+    online = float_weights(model)
+    directory = str(tmp_path / "ema")
+    with ema.swap_weights("fast"):
+        state = model.get_state_tree()
+        weights = {
+            k: state[k] for k in ("trainable_variables", "non_trainable_variables")
+        }
+        with ocp.training.Checkpointer(directory) as saver:
+            saver.save_checkpointables(0, {"pytree": weights}, overwrite=True)
+    assert_bit_equal(online, float_weights(model))
+
+    fast = [v for (name, _), v in profile_values(ema).items() if name == "fast"]
+    keras.backend.clear_session()
+    other = make_model()
+    other.load_weights(directory)
+    for weight, value in zip(other.weights, fast, strict=True):
+        np.testing.assert_array_equal(ops.convert_to_numpy(weight.value), value)
+
+
+@pytest.mark.skipif(not HAS_ORBAX_CHECKPOINT, reason="Keras 3.14+.")
+def test_ema_orbax_checkpoint_needs_an_ema_callback(tmp_path):
+    with pytest.raises(ValueError, match="`ema` must be a `keras_ema.EMA`"):
+        keras_ema.EMAOrbaxCheckpoint(keras.callbacks.History(), str(tmp_path))
+
+
+def test_before_keras_3_14_orbax_checkpoints_are_refused_naming_the_version(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delattr(keras.callbacks, "OrbaxCheckpoint", raising=False)
+    with pytest.raises(ValueError, match=f"Installed: Keras {keras.__version__}"):
+        keras_ema.EMAOrbaxCheckpoint(keras_ema.EMA(), str(tmp_path))
+    # Without Orbax checkpoints in Keras, the EMA trains as before.
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    fit(model, [ema])
+    assert ema.step == 6
 
 
 @pytest.mark.skipif(
