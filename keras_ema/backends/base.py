@@ -133,6 +133,13 @@ def start_when_built(model, start):
     )
 
 
+def held_here(value) -> bool:
+    """Whether this process holds all of `value`, so that reading it into
+    NumPy gathers nothing from other processes. One process holds every
+    weight on the TensorFlow and torch backends."""
+    return True
+
+
 def require_orbax_support() -> None:
     """Raises unless the EMA can ride along with Keras' `OrbaxCheckpoint`
     on this backend."""
