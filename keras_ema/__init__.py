@@ -2,6 +2,7 @@
 
 from keras_ema.callback import EMA
 from keras_ema.checkpoint import EMAModelCheckpoint
+from keras_ema.checkpoint import EMAOrbaxCheckpoint
 from keras_ema.posthoc import PostHocRun
 from keras_ema.posthoc.callback import PostHocEMA
 from keras_ema.schedule import BiasCorrectedSchedule
@@ -16,6 +17,7 @@ __all__ = [
     "EMA",
     "BiasCorrectedSchedule",
     "EMAModelCheckpoint",
+    "EMAOrbaxCheckpoint",
     "HalfLifeSchedule",
     "PostHocEMA",
     "PostHocRun",

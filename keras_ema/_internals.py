@@ -122,6 +122,102 @@ def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
     checkpoint._save_model(epoch=epoch, batch=batch, logs=logs)
 
 
+def orbax_checkpoint_class() -> type:
+    """`keras.callbacks.OrbaxCheckpoint`, or a `ValueError` naming the
+    installed Keras, which has none before 3.14."""
+    checkpoint_class = getattr(keras.callbacks, "OrbaxCheckpoint", None)
+    if checkpoint_class is None:
+        raise ValueError(
+            "Orbax checkpoints need `keras.callbacks.OrbaxCheckpoint`, which "
+            f"Keras has from version 3.14 on. Installed: Keras {keras.__version__}."
+        )
+    return checkpoint_class
+
+
+def orbax_checkpoint_save(checkpoint, step, logs) -> None:
+    """Calls `OrbaxCheckpoint._save_checkpoint`, the one place that writes a
+    checkpoint (every epoch, every N batches, best only), so the EMA swap
+    wraps exactly the write."""
+    checkpoint._save_checkpoint(step=step, logs=logs)
+
+
+def add_orbax_checkpointables(checkpoint, extra: Callable[[], dict]) -> None:
+    """Makes each save of `checkpoint` (an `OrbaxCheckpoint`) also hold the
+    checkpointables `extra()` returns, in the same step.
+
+    `OrbaxCheckpoint._save_checkpoint` builds its payload (`pytree`,
+    `model_config`, `assets`) in a local and passes it to
+    `self.checkpointer.save_checkpointables(step, payload)` or
+    `save_checkpointables_async(step, payload)`; Keras offers no hook to add
+    to it. Added there, the EMA's arrays are written by the same save (in
+    the background when Keras' is), into the same step folder, which Orbax
+    commits, keeps and deletes (`max_to_keep`) as a whole. A second call on
+    the same callback replaces `extra`.
+    """
+    checkpointer = checkpoint.checkpointer
+    if isinstance(checkpointer, _CheckpointerWithExtras):
+        checkpointer.extra = extra
+    else:
+        checkpoint.checkpointer = _CheckpointerWithExtras(checkpointer, extra)
+
+
+class _CheckpointerWithExtras:
+    """An Orbax `Checkpointer` whose saves add `extra()` to the payload;
+    everything else is the wrapped checkpointer's."""
+
+    def __init__(self, checkpointer, extra):
+        self.checkpointer = checkpointer
+        self.extra = extra
+
+    def save_checkpointables(self, step, checkpointables, *args, **kwargs):
+        checkpointables = {**checkpointables, **self.extra()}
+        return self.checkpointer.save_checkpointables(
+            step, checkpointables, *args, **kwargs
+        )
+
+    def save_checkpointables_async(self, step, checkpointables, *args, **kwargs):
+        checkpointables = {**checkpointables, **self.extra()}
+        return self.checkpointer.save_checkpointables_async(
+            step, checkpointables, *args, **kwargs
+        )
+
+    def __getattr__(self, name):
+        return getattr(self.checkpointer, name)
+
+
+# The file names `keras.saving.load_weights` reads as files before it tries
+# an Orbax checkpoint (keras/src/saving/saving_api.py).
+_KERAS_WEIGHTS_FILES = (".keras", ".weights.h5", ".weights.json", ".h5", ".hdf5")
+
+
+def orbax_checkpoint_step(filepath) -> str | None:
+    """The step folder `model.load_weights(filepath)` reads when `filepath`
+    is an Orbax checkpoint; `None` when it is not (always before Keras 3.14).
+
+    Keras' `load_weights` (keras/src/saving/saving_api.py) takes a path that
+    is none of its weights files and that the private
+    `orbax_util.is_orbax_checkpoint` accepts as an Orbax checkpoint: the
+    latest step (`orbax_util.find_latest_orbax_checkpoint`) of a folder that
+    holds step folders, else the folder itself. The EMA must read its state
+    from that same step before Keras loads the weights; Keras makes neither
+    choice public.
+    """
+    try:
+        from keras.src.saving import orbax_util
+        from keras.src.utils import file_utils
+    except ImportError:
+        return None
+    path = str(filepath)
+    if path.endswith(_KERAS_WEIGHTS_FILES) or not orbax_util.is_orbax_checkpoint(path):
+        return None
+    if any(
+        item.isdigit() and file_utils.isdir(file_utils.join(path, item))
+        for item in file_utils.listdir(path)
+    ):
+        return orbax_util.find_latest_orbax_checkpoint(path)
+    return path
+
+
 def build_from_element_spec(model, element_spec) -> None:
     """Builds the model, its compiled metrics and loss, and its optimizer,
     from the spec of the data (`Trainer._symbolic_build`).

@@ -9,12 +9,23 @@ instance also write and read the EMA state (`state_io`'s format) at
 EMA callbacks attached to the model. A restarted run with the same callbacks
 therefore resumes the EMA, its counter included, with no extra code; so does
 `ModelCheckpoint(save_weights_only=True)` followed by `load_weights`.
+
+Orbax checkpoints (`keras.callbacks.OrbaxCheckpoint`, Keras 3.14+, JAX):
+`ride_along_orbax` makes each save of the `OrbaxCheckpoint`s of a `fit`
+hold the state of every EMA attached to the model (`orbax_io`'s format, one
+checkpointable per EMA, named by `orbax_io.checkpointable_name(index)`), and
+`model.load_weights(<orbax directory>)` restores it from the step Keras
+loads, checked against the model before Keras loads any weight.
 """
 
 from __future__ import annotations
 
 import os
 import weakref
+
+from keras_ema import _internals
+from keras_ema import backends
+from keras_ema import orbax_io
 
 # model -> the EMA callbacks attached to it, in the order they were attached.
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -37,8 +48,44 @@ def attach(model, ema) -> None:
         _wrap_weights_methods(model)
 
 
-def _attached(model) -> list:
+def attached(model) -> list:
+    """The EMA callbacks attached to `model`, in the order they were."""
     return [ema for ema in (ref() for ref in _ATTACHED.get(model, [])) if ema]
+
+
+def ride_along_orbax(model, callbacks) -> None:
+    """Makes each `OrbaxCheckpoint` among `callbacks` also save the state of
+    every EMA attached to `model`, in the same step; raises a `ValueError`
+    where this backend cannot (see `backends.require_orbax_support`)."""
+    checkpoints = orbax_io.orbax_checkpoints(callbacks)
+    if not checkpoints:
+        return
+    backends.require_orbax_support()
+    model_ref = weakref.ref(model)
+
+    def checkpointables() -> dict:
+        return {
+            orbax_io.checkpointable_name(index): ema._orbax_state()
+            for index, ema in enumerate(attached(model_ref()))
+        }
+
+    for checkpoint in checkpoints:
+        _internals.add_orbax_checkpointables(checkpoint, checkpointables)
+
+
+def _saved_states(emas, filepath) -> list:
+    """Each EMA's saved state that goes with the weights at `filepath`, read
+    and checked against the model (`None` where there is none)."""
+    step_path = _internals.orbax_checkpoint_step(filepath)
+    states = []
+    for index, ema in enumerate(emas):
+        if step_path is not None:
+            name = orbax_io.checkpointable_name(index)
+            states.append(ema._read_orbax_state(step_path, name))
+            continue
+        path = sidecar_path(filepath, index)
+        states.append(ema._read_state(path) if os.path.exists(path) else None)
+    return states
 
 
 def _wrap_weights_methods(model) -> None:
@@ -52,24 +99,20 @@ def _wrap_weights_methods(model) -> None:
     def save_weights(filepath, *args, **kwargs):
         model = model_ref()
         result = keras_save_weights(model, filepath, *args, **kwargs)
-        for index, ema in enumerate(_attached(model)):
+        for index, ema in enumerate(attached(model)):
             ema._write_state(sidecar_path(filepath, index))
         return result
 
     def load_weights(filepath, *args, **kwargs):
         model = model_ref()
-        # The EMA files are checked first, so that a state that does not fit
+        # The EMA states are checked first, so that a state that does not fit
         # the model is refused before any weight changes.
-        pending = []
-        for index, ema in enumerate(_attached(model)):
-            path = sidecar_path(filepath, index)
-            if os.path.exists(path):
-                pending.append((ema, ema._read_state(path)))
+        emas = attached(model)
+        states = _saved_states(emas, filepath)
         result = keras_load_weights(model, filepath, *args, **kwargs)
-        for ema in _attached(model):
-            loaded = [state for owner, state in pending if owner is ema]
-            if loaded:
-                ema._apply_state(*loaded[0])
+        for ema, state in zip(emas, states, strict=True):
+            if state is not None:
+                ema._apply_state(*state)
             else:
                 ema._follow_loaded_weights()
         return result

@@ -15,6 +15,7 @@ from keras_ema import _internals
 from keras_ema import advice
 from keras_ema import backends
 from keras_ema import backup
+from keras_ema import orbax_io
 from keras_ema import profiles as profiles_
 from keras_ema import state_io
 from keras_ema.schedule import Schedule
@@ -244,7 +245,10 @@ class EMA(keras.callbacks.Callback):
 
         The EMA value (cast to the weight's dtype) where a weight is tracked,
         the model's own value elsewhere, so that
-        `other_model.set_weights(ema.get_weights())` works.
+        `other_model.set_weights(ema.get_weights())` works. Across JAX
+        processes, an array sharded over devices of several processes is
+        not gathered to one: a `ValueError` names the ways to save or export
+        the EMA weights instead.
 
         Args:
             profile: A name from `profiles`; `None` for the first profile.
@@ -256,10 +260,13 @@ class EMA(keras.callbacks.Callback):
             id(w): s
             for w, s in zip(state.weights, state.profiles[index].shadows, strict=True)
         }
+        values = [
+            (weight.path, shadows.get(id(weight), weight).value)
+            for weight in self.model.weights
+        ]
+        _require_held_here("get_weights()", values)
         result = []
-        for weight in self.model.weights:
-            shadow = shadows.get(id(weight))
-            value = weight.value if shadow is None else shadow.value
+        for weight, (_, value) in zip(self.model.weights, values, strict=True):
             result.append(
                 ops.convert_to_numpy(value).astype(
                     keras.backend.standardize_dtype(weight.dtype)
@@ -306,7 +313,10 @@ class EMA(keras.callbacks.Callback):
         The file is a NumPy `.npz` archive with a JSON header (no pickle),
         written atomically: a crash mid-save leaves any previous file intact.
         If `path`'s folder does not exist, a `FileNotFoundError` (also a
-        `ValueError`) names `path`.
+        `ValueError`) names `path`. Across JAX processes, a shadow sharded
+        over devices of several processes is not gathered to one: a
+        `ValueError` names `keras.callbacks.OrbaxCheckpoint`, which saves the
+        EMA with each process writing its own shards.
         """
         self._write_state(path)
 
@@ -322,7 +332,8 @@ class EMA(keras.callbacks.Callback):
         The callback keeps its own hyperparameters: where the file's differ,
         a warning names them. A file that does not exist raises a
         `FileNotFoundError`, as Keras' `model.load_weights` does, which is
-        also a `ValueError`.
+        also a `ValueError`. Across JAX processes, each process reads the
+        whole file and keeps the shards it holds.
         """
         self._apply_state(*self._read_state(path))
 
@@ -346,9 +357,16 @@ class EMA(keras.callbacks.Callback):
     def _write_state(self, path) -> None:
         # The model may hold the EMA weights: a checkpoint may be written
         # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
-        state_io.save(
-            path, self._flushed_state(), self.get_config(), self._state_extra()
+        state = self._flushed_state()
+        _require_held_here(
+            "save_state()",
+            [
+                (path_, shadow.value)
+                for profile in state.profiles
+                for path_, shadow in zip(state.paths, profile.shadows, strict=True)
+            ],
         )
+        state_io.save(path, state, self.get_config(), self._state_extra())
 
     def _state_extra(self) -> dict | None:
         """What a subclass keeps in the state file's header beside the
@@ -372,6 +390,21 @@ class EMA(keras.callbacks.Callback):
         state.step.assign(header["step"])
         state.skipped.assign(header["skipped"])
         self._engine.reload()
+
+    # ------------------------------------------------------------------
+    # Orbax checkpoints (see `backup.ride_along_orbax` and `orbax_io`)
+
+    def _orbax_state(self) -> dict:
+        """The checkpointable an `OrbaxCheckpoint` save holds for this EMA:
+        every profile's shadows, as they are laid out, and the header."""
+        return orbax_io.state_tree(
+            self._flushed_state(), self.get_config(), self._state_extra()
+        )
+
+    def _read_orbax_state(self, step_path, name: str) -> tuple | None:
+        """Reads and checks the checkpointable `name` of an Orbax checkpoint
+        step against the model; changes nothing. `None` if there is none."""
+        return orbax_io.read(step_path, name, self._require_state())
 
     def _follow_loaded_weights(self) -> None:
         """After `model.load_weights` without an EMA file: an EMA that has not
@@ -421,6 +454,7 @@ class EMA(keras.callbacks.Callback):
     def on_train_begin(self, logs=None) -> None:
         self._require_online_weights("fit")
         self._refuse_another_ema_in_this_fit()
+        backup.ride_along_orbax(self.model, _internals.fit_callbacks(self.model))
         self._fit_schedules = [
             schedule.in_steps(
                 (self.params or {}).get("steps"),
@@ -610,6 +644,24 @@ class EMA(keras.callbacks.Callback):
             )
         if self._state is not None:
             self._swaps.repair(self.model)
+
+
+def _require_held_here(action: str, values) -> None:
+    """Raises unless this process holds each of the `(path, value)` pairs
+    whole: `action` would gather it from the other processes."""
+    for path, value in values:
+        if not backends.held_here(value):
+            raise ValueError(
+                f"`{action}` needs every value on this process, but {path!r} "
+                "is sharded over devices of several processes, and keras_ema "
+                "does not gather an array to one process. Save and resume the "
+                "EMA with `keras.callbacks.OrbaxCheckpoint` in `fit` (the EMA "
+                "state rides along: each process writes its own shards) and "
+                "`model.load_weights(<directory>)`; export the EMA weights "
+                "with `keras_ema.EMAOrbaxCheckpoint` in `fit`, or by saving "
+                "`model.get_state_tree()` with Orbax inside "
+                "`ema.swap_weights()` (see docs/distributed.md)."
+            )
 
 
 def _prefixed_ema(logs, profile: str = "") -> dict:

@@ -52,9 +52,11 @@ class StateFileNotFoundError(FileNotFoundError, ValueError):
     """
 
 
-def save(path: str, state, hyperparameters: dict, extra: dict | None = None) -> None:
-    """Writes `state` (its variables current) to `path`, atomically, with the
-    JSON object `extra` in the header if given."""
+def make_header(state, hyperparameters: dict, extra: dict | None = None) -> dict:
+    """The header describing `state` (its variables current): the counters,
+    the hyperparameters, the profiles' names, each variable's path, shape
+    and dtype, and the JSON object `extra` if given. Orbax checkpoints
+    (`orbax_io`) hold the same header."""
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -69,6 +71,13 @@ def save(path: str, state, hyperparameters: dict, extra: dict | None = None) -> 
     }
     if extra is not None:
         header["extra"] = extra
+    return header
+
+
+def save(path: str, state, hyperparameters: dict, extra: dict | None = None) -> None:
+    """Writes `state` (its variables current) to `path`, atomically, with the
+    JSON object `extra` in the header if given."""
+    header = make_header(state, hyperparameters, extra)
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
     for p, profile in enumerate(state.profiles):
         for i, shadow in enumerate(profile.shadows):
@@ -128,7 +137,7 @@ def read(path: str) -> tuple[dict, list]:
             if "header" not in names:
                 raise ValueError("it has no `header` entry")
             header = json.loads(bytes(archive["header"]).decode())
-            _check_header(header)
+            check_header(header)
             entries = [
                 [_entry(header, p, i) for i in range(len(header["variables"]))]
                 for p in range(len(_profiles(header)))
@@ -226,7 +235,9 @@ def _entry(header: dict, profile: int, index: int) -> str:
     return f"shadow_{profile}_{index}"
 
 
-def _check_header(header) -> None:
+def check_header(header) -> None:
+    """Raises `ValueError` (the reason, without the file's name) unless
+    `header` is a well-formed header of a readable version."""
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError("its header does not name the keras-ema-state format")
     version = header.get("version")

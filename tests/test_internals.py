@@ -111,3 +111,71 @@ def test_running_fit_exposes_the_callbacks_and_whether_fit_validates():
     assert seen["validates"] is True
     assert _internals.fit_callbacks(model) == []
     assert _internals.fit_validates(model) is None
+
+
+needs_orbax_checkpoint = pytest.mark.skipif(
+    not hasattr(keras.callbacks, "OrbaxCheckpoint"),
+    reason="keras.callbacks.OrbaxCheckpoint exists from Keras 3.14 on.",
+)
+
+
+@needs_orbax_checkpoint
+def test_orbax_checkpoint_saves_its_payload_through_its_checkpointer():
+    checkpoint_class = keras.callbacks.OrbaxCheckpoint
+    source = inspect.getsource(checkpoint_class._save_checkpoint)
+    assert "self.checkpointer.save_checkpointables(step, payload)" in source
+    assert "self.checkpointer.save_checkpointables_async(" in source
+    assert "self._save_checkpoint(" in inspect.getsource(checkpoint_class.on_epoch_end)
+    assert list(inspect.signature(checkpoint_class._save_checkpoint).parameters) == [
+        "self",
+        "step",
+        "logs",
+    ]
+
+    saved = []
+
+    class Checkpointer:
+        def save_checkpointables(self, step, checkpointables):
+            saved.append((step, checkpointables))
+
+        def save_checkpointables_async(self, step, checkpointables):
+            saved.append(("async", step, checkpointables))
+
+        def wait(self):
+            return "waited"
+
+    class Checkpoint:
+        checkpointer = Checkpointer()
+
+    checkpoint = Checkpoint()
+    _internals.add_orbax_checkpointables(checkpoint, lambda: {"extra": 1})
+    checkpoint.checkpointer.save_checkpointables(3, {"pytree": 0})
+    # A second call replaces the extra checkpointables, wrapping once.
+    _internals.add_orbax_checkpointables(checkpoint, lambda: {"extra": 2})
+    checkpoint.checkpointer.save_checkpointables_async(4, {"pytree": 0})
+    assert saved == [
+        (3, {"pytree": 0, "extra": 1}),
+        ("async", 4, {"pytree": 0, "extra": 2}),
+    ]
+    assert checkpoint.checkpointer.wait() == "waited"
+    assert checkpoint.checkpointer.checkpointer.__class__ is Checkpointer
+
+
+@needs_orbax_checkpoint
+def test_orbax_checkpoint_step_follows_keras_load_weights(tmp_path):
+    from keras.src.saving import saving_api
+
+    source = inspect.getsource(saving_api.load_weights)
+    assert "elif is_orbax_checkpoint(filepath):" in source
+    assert "find_latest_orbax_checkpoint(filepath)" in source
+    assert _internals.orbax_checkpoint_step(tmp_path / "w.weights.h5") is None
+    assert _internals.orbax_checkpoint_step(tmp_path / "missing") is None
+    assert _internals.orbax_checkpoint_step(tmp_path) is None  # an empty folder
+
+
+def test_orbax_checkpoint_class_names_the_keras_version(monkeypatch):
+    monkeypatch.delattr(keras.callbacks, "OrbaxCheckpoint", raising=False)
+    with pytest.raises(
+        ValueError, match=f"3.14 on. Installed: Keras {keras.__version__}"
+    ):
+        _internals.orbax_checkpoint_class()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import keras
@@ -419,3 +420,35 @@ def test_ema_model_checkpoint_needs_an_ema_callback(tmp_path):
         keras_ema.EMAModelCheckpoint(
             keras.callbacks.History(), str(tmp_path / "m.keras")
         )
+
+
+def test_values_sharded_across_processes_are_refused_not_gathered(
+    tmp_path, monkeypatch
+):
+    """Across JAX processes a shadow sharded over devices of several of them
+    cannot be read whole on one (tests/test_multiprocess.py runs it): there
+    `get_weights` and `save_state` raise a `ValueError` naming the ways that
+    keep every process on its own shards."""
+    from keras_ema import backends
+
+    model, ema = trained()
+    sharded = {id(ema.variables[1].value)}
+    monkeypatch.setattr(backends, "held_here", lambda value: id(value) not in sharded)
+    path = tmp_path / "ema.npz"
+    for action, call, named in (
+        ("save_state()", lambda: ema.save_state(str(path)), "'net/d1/bias'"),
+        ("get_weights()", ema.get_weights, "'net/d1/bias'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"`{action}` needs")) as error:
+            call()
+        message = str(error.value)
+        assert named in message
+        for alternative in (
+            "keras.callbacks.OrbaxCheckpoint",
+            "model.load_weights(<directory>)",
+            "keras_ema.EMAOrbaxCheckpoint",
+            "`model.get_state_tree()` with Orbax inside `ema.swap_weights()`",
+        ):
+            assert alternative in message
+    assert not path.exists()
+    assert os.listdir(tmp_path) == []

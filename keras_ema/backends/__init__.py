@@ -4,7 +4,10 @@ trainers.
 Each backend module provides the same names: `make_placement(offload)` and
 `make_engine(state)` (see `base.py`), and the buffer operations the callback
 needs for swaps: `fresh_copy`, `copy_for_weight`, `online_backup`,
-`restore_backup`, and `start_when_built` for models built by `fit` itself.
+`restore_backup`, and `start_when_built` for models built by `fit` itself;
+`held_here` says whether a value can be read on this process without
+gathering it from others, `require_orbax_support` and `orbax_target` serve
+Orbax checkpoints (`keras_ema/orbax_io.py`).
 """
 
 from __future__ import annotations
@@ -32,3 +35,6 @@ copy_for_weight = _backend.copy_for_weight
 online_backup = _backend.online_backup
 restore_backup = _backend.restore_backup
 start_when_built = _backend.start_when_built
+held_here = _backend.held_here
+require_orbax_support = _backend.require_orbax_support
+orbax_target = _backend.orbax_target

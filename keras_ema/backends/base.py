@@ -131,3 +131,26 @@ def start_when_built(model, start):
         f"Model {model.name!r} has none; build it (call it on data or "
         "`model.build(input_shape)`) before using the callback."
     )
+
+
+def held_here(value) -> bool:
+    """Whether this process holds all of `value`, so that reading it into
+    NumPy gathers nothing from other processes. One process holds every
+    weight on the TensorFlow and torch backends."""
+    return True
+
+
+def require_orbax_support() -> None:
+    """Raises unless the EMA can ride along with Keras' `OrbaxCheckpoint`
+    on this backend."""
+    raise ValueError(
+        "keras_ema.EMA saves its state in `keras.callbacks.OrbaxCheckpoint` "
+        "checkpoints on the JAX backend only. On this backend, save it with "
+        "`keras.callbacks.BackupAndRestore` (it rides along with "
+        "`model.save_weights`) or `ema.save_state()`."
+    )
+
+
+def orbax_target(variable):
+    """The abstract array Orbax restores `variable`'s value as."""
+    require_orbax_support()

@@ -105,6 +105,38 @@ def as_stored(values, dtypes) -> list:
     return values
 
 
+def held_here(value) -> bool:
+    """Whether this process holds every distinct piece of `value`, so that
+    reading it into NumPy gathers nothing from other processes (JAX refuses
+    with a `RuntimeError` otherwise). A weight replicated over the processes
+    (`DataParallel`) is held by each; one sharded over devices of several
+    processes (`ModelParallel`) is not."""
+    if not isinstance(value, jax.Array) or value.is_fully_addressable:
+        return True
+    sharding, shape = value.sharding, value.shape
+    everywhere = {_index_key(i) for i in sharding.devices_indices_map(shape).values()}
+    here = {
+        _index_key(i) for i in sharding.addressable_devices_indices_map(shape).values()
+    }
+    return here == everywhere
+
+
+def _index_key(index) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def require_orbax_support() -> None:
+    """Orbax saves and restores JAX arrays as they are sharded."""
+
+
+def orbax_target(variable):
+    """What Orbax restores `variable`'s value as: its shape and dtype, laid
+    out with its own sharding, so that each process reads only the shards
+    it holds and nothing is gathered."""
+    value = variable.value
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
+
+
 def _spans_devices(sharding) -> bool:
     return sharding is not None and len(sharding.device_set) > 1
 

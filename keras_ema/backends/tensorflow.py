@@ -446,3 +446,8 @@ def make_engine(state) -> base.Engine:
 
 def make_placement(offload: bool) -> base.Placement:
     return HostPlacement() if offload else Placement()
+
+
+held_here = base.held_here
+require_orbax_support = base.require_orbax_support
+orbax_target = base.orbax_target

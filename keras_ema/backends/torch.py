@@ -356,3 +356,6 @@ def make_placement(offload: bool) -> base.Placement:
 
 
 start_when_built = base.start_when_built
+held_here = base.held_here
+require_orbax_support = base.require_orbax_support
+orbax_target = base.orbax_target
