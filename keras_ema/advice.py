@@ -67,3 +67,24 @@ def warn_if_never_averaged(step: int, schedules) -> None:
         "or train longer.",
         stacklevel=4,
     )
+
+
+def refuse_another_ema(ema, model, ema_class) -> None:
+    """Raises when another `ema_class` callback is in the running `fit`.
+
+    Each installs its update in the model's compiled train step; two would
+    each install their own around Keras' step, and only the last one would
+    run. Several averages belong in one callback.
+    """
+    others = [
+        callback
+        for callback in _internals.fit_callbacks(model)
+        if isinstance(callback, ema_class) and callback is not ema
+    ]
+    if others:
+        raise ValueError(
+            "One `fit` can run one `keras_ema` callback (`EMA` or "
+            "`PostHocEMA`); keep several averages in one with "
+            "`keras_ema.EMA(profiles={...})`. Received: callbacks "
+            f"{[type(c).__name__ for c in [ema, *others]]}"
+        )

@@ -15,22 +15,20 @@ from keras_ema import _internals
 from keras_ema import advice
 from keras_ema import backends
 from keras_ema import backup
-from keras_ema import orbax_io
 from keras_ema import profiles as profiles_
-from keras_ema import state_io
+from keras_ema import validation
 from keras_ema.schedule import Schedule
 from keras_ema.state import Filters
 from keras_ema.state import ShadowState
 from keras_ema.state import check_names
+from keras_ema.state_files import StateFiles
+from keras_ema.state_files import require_held_here
 from keras_ema.swaps import Swaps
 
-# Options that change no shadow value: a state file saved with others loads
-# without a warning.
-_PLACEMENT_OPTIONS = ("offload_to_host", "validate")
 _VALIDATE_OPTIONS = ("both", "ema")
 
 
-class EMA(keras.callbacks.Callback):
+class EMA(StateFiles, keras.callbacks.Callback):
     """Keeps an exponential moving average (EMA) of a model's weights.
 
     The average uses the inverse-gamma warm-up of ema-pytorch: for the first
@@ -131,7 +129,6 @@ class EMA(keras.callbacks.Callback):
     _trainable_only = False
     # The `get_config()` entries a loaded state file may differ in without a
     # warning; subclasses add their own.
-    _UNCOMPARED_OPTIONS = _PLACEMENT_OPTIONS
 
     def __init__(
         self,
@@ -264,7 +261,7 @@ class EMA(keras.callbacks.Callback):
             (weight.path, shadows.get(id(weight), weight).value)
             for weight in self.model.weights
         ]
-        _require_held_here("get_weights()", values)
+        require_held_here("get_weights()", values)
         result = []
         for weight, (_, value) in zip(self.model.weights, values, strict=True):
             result.append(
@@ -352,86 +349,6 @@ class EMA(keras.callbacks.Callback):
         return cls(**profiles_.from_config(config))
 
     # ------------------------------------------------------------------
-    # State files (also through `model.save_weights`/`load_weights`)
-
-    def _write_state(self, path) -> None:
-        # The model may hold the EMA weights: a checkpoint may be written
-        # inside `swap_weights()` (EMAModelCheckpoint), which must stay swapped.
-        state = self._flushed_state()
-        _require_held_here(
-            "save_state()",
-            [
-                (path_, shadow.value)
-                for profile in state.profiles
-                for path_, shadow in zip(state.paths, profile.shadows, strict=True)
-            ],
-        )
-        state_io.save(path, state, self.get_config(), self._state_extra())
-
-    def _state_extra(self) -> dict | None:
-        """What a subclass keeps in the state file's header beside the
-        shadows (`None`: nothing)."""
-        return None
-
-    def _read_state(self, path) -> tuple:
-        """Reads and checks a state file against the model; changes nothing."""
-        state = self._require_state()
-        header, arrays = state_io.read(path)
-        arrays = state_io.match(header, arrays, state, path)
-        return header, arrays, path
-
-    def _apply_state(self, header: dict, arrays: list, path) -> None:
-        state = self._require_state()
-        self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
-        self._swaps.repair(self.model)
-        for profile, profile_arrays in zip(state.profiles, arrays, strict=True):
-            for shadow, array in zip(profile.shadows, profile_arrays, strict=True):
-                shadow.assign(array)
-        state.step.assign(header["step"])
-        state.skipped.assign(header["skipped"])
-        self._engine.reload()
-
-    # ------------------------------------------------------------------
-    # Orbax checkpoints (see `backup.ride_along_orbax` and `orbax_io`)
-
-    def _orbax_state(self) -> dict:
-        """The checkpointable an `OrbaxCheckpoint` save holds for this EMA:
-        every profile's shadows, as they are laid out, and the header."""
-        return orbax_io.state_tree(
-            self._flushed_state(), self.get_config(), self._state_extra()
-        )
-
-    def _read_orbax_state(self, step_path, name: str) -> tuple | None:
-        """Reads and checks the checkpointable `name` of an Orbax checkpoint
-        step against the model; changes nothing. `None` if there is none."""
-        return orbax_io.read(step_path, name, self._require_state())
-
-    def _follow_loaded_weights(self) -> None:
-        """After `model.load_weights` without an EMA file: an EMA that has not
-        updated yet is a copy of the weights, so it takes the loaded ones."""
-        if self._state is None or self.step != 0:
-            return
-        self._swaps.repair(self.model)
-        state = self._state
-        for profile in state.profiles:
-            for shadow, weight in zip(profile.shadows, state.weights, strict=True):
-                shadow.assign(backends.fresh_copy(weight.value, shadow.dtype))
-        self._engine.reload()
-
-    def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
-        differing = {
-            name: {"file": saved.get(name), "callback": value}
-            for name, value in self.get_config().items()
-            if saved.get(name) != value and name not in self._UNCOMPARED_OPTIONS
-        }
-        if differing:
-            warnings.warn(
-                f"The EMA state in {path!r} was saved with other hyperparameters; "
-                f"the callback keeps its own. Differences: {differing}",
-                stacklevel=3,
-            )
-
-    # ------------------------------------------------------------------
     # Keras hooks
 
     def set_model(self, model) -> None:
@@ -453,7 +370,7 @@ class EMA(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._require_online_weights("fit")
-        self._refuse_another_ema_in_this_fit()
+        advice.refuse_another_ema(self, self.model, EMA)
         backup.ride_along_orbax(self.model, _internals.fit_callbacks(self.model))
         self._fit_schedules = [
             schedule.in_steps(
@@ -579,24 +496,7 @@ class EMA(keras.callbacks.Callback):
             self._engine.uninstall()
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
-        """`fit`'s validation: online metrics, then the same with EMA weights
-        (or, with `validate="ema"`, only the EMA's)."""
-        if not _internals.is_fit_validation(kwargs):
-            return keras_evaluate(*args, **kwargs)
-        quiet = dict(kwargs, callbacks=None, verbose=0)
-        logs = {}
-        if self.validate == "both":
-            logs = keras_evaluate(*args, **kwargs)
-            if not isinstance(logs, dict):
-                return logs
-        for index, name in enumerate(self.profile_names):
-            # Without the online evaluation, the first profile's runs with
-            # `fit`'s callbacks and progress bar.
-            own = kwargs if index == 0 and self.validate == "ema" else quiet
-            with self.swap_weights(name or None):
-                ema_logs = keras_evaluate(*args, **own)
-            logs = {**logs, **_prefixed_ema(ema_logs, name)}
-        return logs
+        return validation.evaluate_online_and_ema(self, keras_evaluate, args, kwargs)
 
     def _swap_in(self, index: int) -> None:
         state = self._require_state()
@@ -618,23 +518,6 @@ class EMA(keras.callbacks.Callback):
             )
         return names.index(profile)
 
-    def _refuse_another_ema_in_this_fit(self) -> None:
-        # Each EMA installs its update in the model's compiled train step;
-        # two would each install their own around Keras' step, and only the
-        # last one would run. Several averages belong in one callback.
-        others = [
-            callback
-            for callback in _internals.fit_callbacks(self.model)
-            if isinstance(callback, EMA) and callback is not self
-        ]
-        if others:
-            raise ValueError(
-                "One `fit` can run one `keras_ema` callback (`EMA` or "
-                "`PostHocEMA`); keep several averages in one with "
-                "`keras_ema.EMA(profiles={...})`. Received: callbacks "
-                f"{[type(c).__name__ for c in [self, *others]]}"
-            )
-
     def _require_online_weights(self, action: str) -> None:
         if self._swaps.in_block:
             raise ValueError(
@@ -644,28 +527,3 @@ class EMA(keras.callbacks.Callback):
             )
         if self._state is not None:
             self._swaps.repair(self.model)
-
-
-def _require_held_here(action: str, values) -> None:
-    """Raises unless this process holds each of the `(path, value)` pairs
-    whole: `action` would gather it from the other processes."""
-    for path, value in values:
-        if not backends.held_here(value):
-            raise ValueError(
-                f"`{action}` needs every value on this process, but {path!r} "
-                "is sharded over devices of several processes, and keras_ema "
-                "does not gather an array to one process. Save and resume the "
-                "EMA with `keras.callbacks.OrbaxCheckpoint` in `fit` (the EMA "
-                "state rides along: each process writes its own shards) and "
-                "`model.load_weights(<directory>)`; export the EMA weights "
-                "with `keras_ema.EMAOrbaxCheckpoint` in `fit`, or by saving "
-                "`model.get_state_tree()` with Orbax inside "
-                "`ema.swap_weights()` (see docs/distributed.md)."
-            )
-
-
-def _prefixed_ema(logs, profile: str = "") -> dict:
-    """`evaluate` logs renamed `ema_<metric>` (`ema_<profile>_<metric>`);
-    `fit` adds the `val_`."""
-    prefix = f"ema_{profile}_" if profile else "ema_"
-    return {f"{prefix}{name}": value for name, value in logs.items()}

@@ -1,9 +1,11 @@
 """This backend's EMA code, chosen once at import, as Keras chooses its
 trainers.
 
-Each backend module provides the same names: `make_placement(offload)` and
-`make_engine(state)` (see `base.py`), and the buffer operations the callback
-needs for swaps: `fresh_copy`, `copy_for_weight`, `online_backup`,
+Each backend has two modules: `<backend>.py` with the `Placement` and the
+`Engine` of shadows beside the weights, and `<backend>_offload.py` with the
+`HostPlacement` and `HostEngine` of shadows in host memory (see `base.py`).
+`<backend>.py` also provides the buffer operations the callback needs for
+swaps: `fresh_copy`, `copy_for_weight`, `online_backup`,
 `restore_backup`, and `start_when_built` for models built by `fit` itself;
 `held_here` says whether a value can be read on this process without
 gathering it from others, `require_orbax_support` and `orbax_target` serve
@@ -18,18 +20,30 @@ BACKEND = keras.backend.backend()
 
 if BACKEND == "jax":
     from keras_ema.backends import jax as _backend
+    from keras_ema.backends import jax_offload as _offload
 elif BACKEND == "tensorflow":
     from keras_ema.backends import tensorflow as _backend
+    from keras_ema.backends import tensorflow_offload as _offload
 elif BACKEND == "torch":
     from keras_ema.backends import torch as _backend
+    from keras_ema.backends import torch_offload as _offload
 else:
     raise ImportError(
         "keras_ema runs on the TensorFlow, JAX and torch backends of Keras. "
         f"Received: backend={BACKEND!r}"
     )
 
-make_placement = _backend.make_placement
-make_engine = _backend.make_engine
+
+def make_placement(offload: bool):
+    """Where the EMA's variables live: beside the weights, or on the host."""
+    return _offload.HostPlacement() if offload else _backend.Placement()
+
+
+def make_engine(state):
+    """The engine that runs `state`'s updates."""
+    return (_offload.HostEngine if state.offload else _backend.Engine)(state)
+
+
 fresh_copy = _backend.fresh_copy
 copy_for_weight = _backend.copy_for_weight
 online_backup = _backend.online_backup

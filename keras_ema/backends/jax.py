@@ -12,7 +12,6 @@ asynchronously.
 
 from __future__ import annotations
 
-import functools
 import itertools
 
 import jax
@@ -23,7 +22,6 @@ from keras_ema import _internals
 from keras_ema import update
 from keras_ema.backends import base
 from keras_ema.host_counters import HostCounters
-from keras_ema.host_counters import OptimizerSteps
 from keras_ema.host_counters import optimizer_may_skip
 from keras_ema.host_counters import optimizer_step_rule
 from keras_ema.packing import Packing
@@ -168,26 +166,6 @@ class Placement(base.Placement):
         return weights[0].value.sharding
 
 
-class HostPlacement(base.Placement):
-    """Shadows and counters in host memory, each with a CPU sharding as its
-    layout, so that every `assign` (from a state file too) lands there."""
-
-    def __init__(self):
-        self.cpu = jax.devices("cpu")[0]
-
-    def initial_value(self, weight, dtype):
-        # `may_alias=False`: a CPU weight is copied too, and the cast runs on
-        # the host, so no full-size copy is made on the device.
-        host = jax.device_put(weight.value, self.cpu, may_alias=False)
-        return host.astype(dtype)
-
-    def shadow_layout(self, weight):
-        return jax.sharding.SingleDeviceSharding(self.cpu)
-
-    def counter_layout(self, weights):
-        return jax.sharding.SingleDeviceSharding(self.cpu)
-
-
 # --------------------------------------------------------------------------
 # Shadows on the device
 
@@ -235,7 +213,7 @@ def _replicated(shadow):
     return sharding if sharding.is_fully_replicated else None
 
 
-def _batches(iterator, steps_per_execution: int):
+def batches(iterator, steps_per_execution: int):
     """The batches of one JAX `train_function` call, as Keras takes them: up
     to `steps_per_execution`, and a `StopIteration` (the epoch's end) only
     when there is not even one."""
@@ -243,7 +221,7 @@ def _batches(iterator, steps_per_execution: int):
     return itertools.chain([first], itertools.islice(iterator, steps_per_execution - 1))
 
 
-def _jit_keras_train_step(model):
+def jit_keras_train_step(model):
     """Keras' own train step, jitted and donated as Keras does, or as is
     when the model runs eagerly."""
     if model.run_eagerly or not model.jit_compile:
@@ -402,7 +380,7 @@ class Engine(base.Engine):
                 fused_step, donate_argnums=(0, 1), out_shardings=out_shardings
             )
             if skip_on_host:
-                keras_step = _jit_keras_train_step(model)
+                keras_step = jit_keras_train_step(model)
         steps_per_execution = model.steps_per_execution
 
         def train_function(keras_state, iterator):
@@ -410,7 +388,7 @@ class Engine(base.Engine):
                 keras_state = _committed(keras_state)
                 self._first_step = False
             logs = None
-            for data in _batches(iterator, steps_per_execution):
+            for data in batches(iterator, steps_per_execution):
                 if skip_on_host:
                     host = self._host_step()
                     if not host.next_step_is_due():
@@ -459,103 +437,6 @@ class Engine(base.Engine):
         for profile, values in zip(state.profiles, shadows, strict=True):
             for shadow, value in zip(profile.shadows, values, strict=True):
                 shadow.assign(value)
-
-
-# --------------------------------------------------------------------------
-# Shadows in host memory
-
-
-def _host_update(schedules, kinds, step, skipped, shadows, weights):
-    (_, skipped), shadows, _ = update.update_all(
-        schedules, kinds, (step, skipped), shadows, lambda: weights
-    )
-    return shadows, skipped
-
-
-class HostEngine(base.Engine):
-    """Keras' own jitted step, then, on due steps, the weights copied to the
-    CPU and a jitted update of the host shadows there.
-
-    The schedule is decided on the host (`HostCounters`, the optimizer's
-    counter mirrored by `OptimizerSteps`). Both the copy and the update are
-    dispatched asynchronously, so the loop does not wait for the copy. With
-    a `LossScaleOptimizer`, whose skipped steps only the device knows, the
-    optimizer's counter is read back every step.
-    """
-
-    def __init__(self, state):
-        super().__init__(state)
-        self._cpu = jax.devices("cpu")[0]
-        # The old shadows are donated: their buffers hold the new ones.
-        self._update = jax.jit(
-            functools.partial(_host_update, state.schedules, state.kinds),
-            donate_argnums=(1, 2),
-        )
-        self.counters = HostCounters(state.schedules)
-        self.counters.read(state.step)
-        self._steps = None
-
-    def install(self) -> None:
-        super().install()
-        self._steps.sync()
-
-    def flush(self) -> None:
-        self.state.step.assign(self.counters.step)
-
-    def reload(self) -> None:
-        self.counters.read(self.state.step)
-
-    def step(self, stepped: bool = True, weights=None) -> list:
-        """Counts one optimizer step, updates the shadows if it is due, and
-        returns each profile's decay."""
-        state = self.state
-        if self.counters.advance(stepped) is not None:
-            online = weights or [w.value for w in state.weights]
-            # `may_alias=False`: a CPU weight is copied too, since the next
-            # train step donates (deletes) the weight's buffer.
-            online = jax.device_put(list(online), self._cpu, may_alias=False)
-            shadows = [[s.value for s in p.shadows] for p in state.profiles]
-            new_shadows, skipped = self._update(
-                np.int32(self.counters.step - 1),
-                state.skipped.value,
-                shadows,
-                online,
-            )
-            for profile, values in zip(state.profiles, new_shadows, strict=True):
-                for shadow, value in zip(profile.shadows, values, strict=True):
-                    shadow.assign(value)
-            state.skipped.assign(skipped)
-        return self.counters.decays()
-
-    def update(self) -> None:
-        self.step()
-
-    def build_train_function(self):
-        state, model = self.state, self.model
-        locate = _internals.jax_state_weights(model, state.weights)
-        self._steps = steps = OptimizerSteps(model.optimizer)
-        iterations_of = _internals.jax_state_optimizer_variable(model, steps.iterations)
-        keras_train_step = _jit_keras_train_step(model)
-        steps_per_execution = model.steps_per_execution
-
-        def train_function(keras_state, iterator):
-            logs = decays = None
-            for data in _batches(iterator, steps_per_execution):
-                logs, keras_state = keras_train_step(keras_state, data)
-                stepped = steps.advance(iterations_of(keras_state))
-                decays = self.step(stepped, locate(keras_state))
-            logs = base.ema_logs(logs, state, decays, state.skipped.value)
-            return logs, keras_state
-
-        return train_function
-
-
-def make_engine(state) -> base.Engine:
-    return HostEngine(state) if state.offload else Engine(state)
-
-
-def make_placement(offload: bool) -> base.Placement:
-    return HostPlacement() if offload else Placement()
 
 
 start_when_built = base.start_when_built

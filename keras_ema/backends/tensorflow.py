@@ -77,34 +77,11 @@ class Placement(base.Placement):
         return fresh_copy(weight.value, dtype)
 
 
-class HostPlacement(Placement):
-    """Shadows and counters in host memory (`/CPU:0`)."""
-
-    def check(self, model, weights) -> None:
-        strategy = getattr(model, "distribute_strategy", None)
-        replicas = getattr(strategy, "num_replicas_in_sync", 1)
-        if replicas > 1:
-            raise ValueError(
-                "`offload_to_host=True` does not support a `tf.distribute` "
-                "strategy with several replicas: every replica would write the "
-                f"same host shadows. Received: strategy={type(strategy).__name__} "
-                f"with {replicas} replicas."
-            )
-
-    def scope(self, model):
-        return keras.device("cpu:0")
-
-    def initial_value(self, weight, dtype):
-        # The cast runs on the host: no full-size copy on the device.
-        with tf.device("/CPU:0"):
-            return fresh_copy(weight.value, dtype)
-
-
 # --------------------------------------------------------------------------
 # The update inside Keras' train function
 
 
-def _keras_train_function_around(model, train_step, jit_compile=None):
+def keras_train_function_around(model, train_step, jit_compile=None):
     """Keras' own TF train function, traced around `train_step` (once per
     inner step when `steps_per_execution > 1`), with the model's
     `jit_compile` set to `jit_compile` for the trace when given."""
@@ -219,7 +196,7 @@ class _PackedShadows:
         self._current = False
 
 
-def _assign_update(state, run, read_values, stepped=None, blend=None, packed=None):
+def assign_update(state, run, read_values, stepped=None, blend=None, packed=None):
     """Runs `run` (`update.update_all` or `update_when_due`) on the values of
     the counters and shadows (or of `packed`'s variables), and assigns the
     results; returns the new counters and the decays."""
@@ -316,12 +293,12 @@ class Engine(base.Engine):
                 stepped = update.optimizer_stepped(
                     before, read(iterations), accumulation
                 )
-            counters, decays = _assign_update(
+            counters, decays = assign_update(
                 state, run, read_values, stepped, blend, packed
             )
             return base.ema_logs(logs, state, decays, counters[1])
 
-        fused = _keras_train_function_around(model, train_step)
+        fused = keras_train_function_around(model, train_step)
         if packed is None:
             return fused
 
@@ -337,7 +314,7 @@ class Engine(base.Engine):
         state = self.state
         if self._eager_update is None:
             self._eager_update = tf.function(
-                lambda: _assign_update(
+                lambda: assign_update(
                     state,
                     update.update_when_due,
                     lambda: [read(w) for w in state.weights],
@@ -348,67 +325,6 @@ class Engine(base.Engine):
         # It updates the shadow variables themselves.
         self.flush()
         self.reload()
-        self._eager_update()
-
-
-# --------------------------------------------------------------------------
-# Shadows in host memory
-
-
-def _host_assign_update(state, stepped):
-    """`_assign_update` with its ops on the CPU. The weights are read inside
-    the due branch, on their own device, so a step that is not due copies
-    nothing to the host."""
-
-    def read_weights():
-        with tf.device(None):
-            return [read(w) for w in state.weights]
-
-    with tf.device("/CPU:0"):
-        return _assign_update(
-            state,
-            update.update_when_due,
-            read_weights,
-            stepped,
-            update.blend_by_branches,
-        )
-
-
-class HostEngine(base.Engine):
-    """The update stays in the step's graph, its ops placed on the CPU.
-
-    XLA compiles a function for one device, so with `jit_compile` only Keras'
-    own step is XLA-compiled (a nested `tf.function`), and the host update
-    runs in the surrounding graph, which TF schedules across devices.
-    """
-
-    def __init__(self, state):
-        super().__init__(state)
-        self._eager_update = None
-
-    def build_train_function(self):
-        state, model = self.state, self.model
-        iterations, accumulation = optimizer_step_rule(model.optimizer)
-        keras_train_step = model.train_step
-        if model.jit_compile and not model.run_eagerly:
-            keras_train_step = tf.function(
-                keras_train_step, jit_compile=True, reduce_retracing=True
-            )
-
-        def train_step(data):
-            before = read(iterations)
-            logs = keras_train_step(data)
-            stepped = update.optimizer_stepped(before, read(iterations), accumulation)
-            counters, decays = _host_assign_update(state, stepped)
-            return base.ema_logs(logs, state, decays, counters[1])
-
-        return _keras_train_function_around(model, train_step, jit_compile=False)
-
-    def update(self) -> None:
-        if self._eager_update is None:
-            self._eager_update = tf.function(
-                lambda: _host_assign_update(self.state, None)[0], autograph=False
-            )
         self._eager_update()
 
 
@@ -438,14 +354,6 @@ def start_when_built(model, start):
             model.train_function = keras_train_function
 
     return undo
-
-
-def make_engine(state) -> base.Engine:
-    return HostEngine(state) if state.offload else Engine(state)
-
-
-def make_placement(offload: bool) -> base.Placement:
-    return HostPlacement() if offload else Placement()
 
 
 held_here = base.held_here
