@@ -58,8 +58,15 @@ def train(data: article.Data, seed: int, epochs: int, folder: Path) -> dict[str,
         loss="mse",
     )
     steps_per_epoch = int(np.ceil(len(data.x_train) / article.BATCH_SIZE))
+    # Two validation passes per epoch, as in the first run: on torch every
+    # pass draws from the global random generator (its DataLoader's seed),
+    # which the dropout of the next epoch draws from too.
     posthoc = keras_ema.PostHocEMA(
-        folder, sigma_rels=SIGMA_RELS, snapshot_every=steps_per_epoch, verbose=0
+        folder,
+        sigma_rels=SIGMA_RELS,
+        snapshot_every=steps_per_epoch,
+        validate="ema",
+        verbose=0,
     )
     start = time.perf_counter()
     model.fit(

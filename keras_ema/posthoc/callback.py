@@ -148,6 +148,9 @@ class PostHocEMA(EMA):
             `None` to keep every one. Defaults to `None`.
         offload_to_host: Whether to keep the shadows in host memory, as for
             `EMA`. Defaults to `False`.
+        validate: As for `EMA`: `"both"` validates the online weights and
+            every tracked profile in `fit`, `"ema"` the profiles only.
+            Defaults to `"both"`.
         verbose: `1` prints the disk space the snapshots take when the
             callback starts tracking a model; `0` is silent. Defaults to
             `1`.
@@ -180,6 +183,7 @@ class PostHocEMA(EMA):
         snapshot_dtype: str = "float32",
         max_snapshots: int | None = None,
         offload_to_host: bool = False,
+        validate: str = "both",
         verbose: int = 1,
     ) -> None:
         sigma_rels = check_arguments(
@@ -199,6 +203,7 @@ class PostHocEMA(EMA):
                 for s in sigma_rels
             },
             offload_to_host=offload_to_host,
+            validate=validate,
         )
         self.directory = os.fspath(directory)
         self.sigma_rels = sigma_rels
@@ -263,6 +268,7 @@ class PostHocEMA(EMA):
             "snapshot_dtype": self.snapshot_dtype,
             "max_snapshots": self.max_snapshots,
             "offload_to_host": self.offload_to_host,
+            "validate": self.validate,
             "verbose": self.verbose,
         }
 
