@@ -99,10 +99,12 @@ class EMAOrbaxCheckpoint(_OrbaxCheckpoint):
 
     Example:
 
+    >>> import os
+    >>> directory = os.path.abspath("ema_weights")  # Orbax takes absolute paths
     >>> ema = keras_ema.EMA(beta=0.999)
-    >>> export = keras_ema.EMAOrbaxCheckpoint(ema, "/ckpt/ema_weights")
+    >>> export = keras_ema.EMAOrbaxCheckpoint(ema, directory)
     >>> model.fit(x, y, epochs=10, callbacks=[ema, export])
-    >>> ema_model = keras.models.load_model("/ckpt/ema_weights")
+    >>> ema_model = keras.models.load_model(directory)
 
     Args:
         ema: The `keras_ema.EMA` callback whose weights are saved. It must be

@@ -160,8 +160,20 @@ def snapshots(tmp_path_factory) -> pathlib.Path:
     return folder
 
 
+def _skip_without_orbax(test: doctest.DocTest) -> None:
+    """`EMAOrbaxCheckpoint` needs Keras' `OrbaxCheckpoint` (Keras 3.14 and
+    later) and the `orbax-checkpoint` package, an extra that only the JAX
+    environments install."""
+    if not any("OrbaxCheckpoint" in example.source for example in test.examples):
+        return
+    if not hasattr(keras.callbacks, "OrbaxCheckpoint"):
+        pytest.skip(f"Keras {keras.__version__} has no OrbaxCheckpoint")
+    pytest.importorskip("orbax.checkpoint")
+
+
 @pytest.mark.parametrize("test", list(_params()))
 def test_docstring_examples_run(test, tmp_path, monkeypatch, snapshots):
+    _skip_without_orbax(test)
     # Examples save files ("ema_model.keras"): into a fresh folder, which
     # holds a copy of the `snapshots` folder.
     shutil.copytree(snapshots, tmp_path / "snapshots")

@@ -14,8 +14,28 @@ from __future__ import annotations
 
 import contextlib
 
+import keras
+
 from keras_ema import update
 from keras_ema.host_counters import optimizer_may_skip
+
+
+def copy_each_weight(tracked, fresh_copy) -> list:
+    """A copy of each tracked weight in its own dtype, made by the backend's
+    `fresh_copy`, as `(variable, value)` pairs."""
+    return [
+        (
+            weight,
+            fresh_copy(weight.value, keras.backend.standardize_dtype(weight.dtype)),
+        )
+        for weight in tracked
+    ]
+
+
+def assign_each(model, backup) -> None:
+    """Puts the values of `copy_each_weight` back, by assignment."""
+    for variable, value in backup:
+        variable.assign(value)
 
 
 class Placement:

@@ -43,18 +43,10 @@ def copy_for_weight(value, weight):
 
 def online_backup(model, tracked) -> list:
     """A copy of each tracked weight, as `(variable, value)` pairs."""
-    return [
-        (
-            weight,
-            fresh_copy(weight.value, keras.backend.standardize_dtype(weight.dtype)),
-        )
-        for weight in tracked
-    ]
+    return base.copy_each_weight(tracked, fresh_copy)
 
 
-def restore_backup(model, backup) -> None:
-    for variable, value in backup:
-        variable.assign(value)
+restore_backup = base.assign_each
 
 
 class Placement(base.Placement):
