@@ -1,6 +1,6 @@
 """Per-step cost of weight EMA in ``keras.Model.fit``, for one Keras backend.
 
-Eight modes are timed on synthetic data, for several model shapes:
+Ten modes are timed on synthetic data, for several model shapes:
 
 * ``none``: plain ``fit`` with Adam, no EMA;
 * ``builtin``: Keras' own optimizer flag, ``Adam(use_ema=True, ema_momentum=0.999)``;
@@ -11,7 +11,13 @@ Eight modes are timed on synthetic data, for several model shapes:
 * ``keras_ema_2profiles`` and ``keras_ema_4profiles``: one callback keeping 2 (4)
   averages, ``keras_ema.EMA(profiles={"p0": ..., "p1": ...})`` of
   ``keras_ema.WarmupSchedule(update_after_step=0, update_every=1, beta=b)`` with
-  ``b`` 0.999, 0.9999 (then 0.99, 0.9995).
+  ``b`` 0.999, 0.9999 (then 0.99, 0.9995);
+* ``keras_ema_noguard``: ``keras_ema`` with its NaN/Inf guard replaced by a
+  constant (a patch of this benchmark, ``guard_removed``): the difference to
+  ``keras_ema`` is what the guard costs;
+* ``keras_ema_posthoc``: ``keras_ema.PostHocEMA(sigma_rels=(0.05, 0.10),
+  snapshot_every=10)`` into a temporary folder: against ``keras_ema_2profiles``
+  (two averages, no snapshots), what its snapshots cost.
 
 Warm mode (the default): each measurement builds and compiles a fresh model (same
 seed), runs a short warm-up ``fit`` of 12 steps (so that the first tracing and
@@ -152,6 +158,8 @@ MODES: tuple[str, ...] = (
     "keras_ema_offload_every10",
     "keras_ema_2profiles",
     "keras_ema_4profiles",
+    "keras_ema_noguard",
+    "keras_ema_posthoc",
 )
 # Each keras_ema mode: (update_every, offload_to_host).
 KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
@@ -159,7 +167,14 @@ KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
     "keras_ema_every10": (10, False),
     "keras_ema_offload": (1, True),
     "keras_ema_offload_every10": (10, True),
+    "keras_ema_noguard": (1, False),
 }
+# The post-hoc mode: `PostHocEMA` of these sigma_rels, a snapshot every
+# POSTHOC_SNAPSHOT_EVERY steps, into a temporary folder removed at exit.
+POSTHOC_SIGMA_RELS = (0.05, 0.10)
+POSTHOC_SNAPSHOT_EVERY = 10
+# Modes whose EMA runs without its NaN/Inf guard (`guard_removed`).
+NOGUARD_MODES = ("keras_ema_noguard",)
 # Each profiles mode: how many profiles, named p0, p1, ..., of these betas.
 PROFILE_MODES: dict[str, int] = {"keras_ema_2profiles": 2, "keras_ema_4profiles": 4}
 PROFILE_BETAS = (0.999, 0.9999, 0.99, 0.9995)
@@ -262,6 +277,17 @@ def make_data(shape: Shape, steps: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
     """The callbacks a mode passes to ``fit`` (the EMA callback, if any)."""
+    if mode == "keras_ema_posthoc":
+        import keras_ema
+
+        return [
+            keras_ema.PostHocEMA(
+                _temporary_folder(),
+                sigma_rels=POSTHOC_SIGMA_RELS,
+                snapshot_every=POSTHOC_SNAPSHOT_EVERY,
+                verbose=0,
+            )
+        ]
     if mode in PROFILE_MODES:
         import keras_ema
 
@@ -282,6 +308,53 @@ def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
             update_every=update_every, update_after_step=0, offload_to_host=offload
         )
     ]
+
+
+@contextlib.contextmanager
+def guard_removed(mode: str):
+    """For the ``NOGUARD_MODES``: the EMA's NaN/Inf guard is replaced by a
+    constant "finite" while the mode's models are built, traced and timed, so
+    that the difference to ``keras_ema`` is what the guard costs. A patch of
+    the benchmark only; the library has no switch for it."""
+    if mode not in NOGUARD_MODES:
+        yield
+        return
+    from unittest import mock
+
+    from keras_ema import update
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(
+                update, "all_finite", lambda values: keras.ops.convert_to_tensor(True)
+            )
+        )
+        if keras.backend.backend() == "torch":
+            import torch
+
+            from keras_ema.backends import torch as engine
+
+            stack.enter_context(
+                mock.patch.object(
+                    engine._Blender,
+                    "all_finite",
+                    lambda self, onlines: torch.tensor(True),
+                )
+            )
+            stack.enter_context(mock.patch.object(engine, "is_finite", lambda v: True))
+        yield
+
+
+def _temporary_folder() -> str:
+    """A new folder for one callback's snapshots, removed when the process
+    exits."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="overhead-posthoc-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return os.path.join(folder, "snapshots")
 
 
 # The `tf.distribute` strategy every model is built and compiled under, if any
@@ -431,6 +504,14 @@ def _fit(
 def measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
     """Build, warm up, then time one ``fit`` of ``steps`` steps.
 
+    See `_measure`."""
+    with guard_removed(mode):
+        return _measure(shape, mode, steps)
+
+
+def _measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
+    """Build, warm up, then time one ``fit`` of ``steps`` steps.
+
     Returns ``ms_per_step`` (the whole ``fit`` over ``steps``),
     ``steady_ms_per_step`` (from the start of batch ``STARTUP_STEPS`` to the end,
     over the remaining steps: without ``fit``'s set-up and first steps),
@@ -557,6 +638,10 @@ def _ratios(best: dict[str, float]) -> dict[str, float | None]:
         "offload_over_keras_ema": ("keras_ema_offload", "keras_ema"),
         "offload_over_none": ("keras_ema_offload", "none"),
         "offload_every10_over_none": ("keras_ema_offload_every10", "none"),
+        "noguard_over_keras_ema": ("keras_ema_noguard", "keras_ema"),
+        "noguard_over_builtin": ("keras_ema_noguard", "builtin"),
+        "posthoc_over_2profiles": ("keras_ema_posthoc", "keras_ema_2profiles"),
+        "posthoc_over_builtin": ("keras_ema_posthoc", "builtin"),
     }
     ratios = {
         k: best[a] / best[b] for k, (a, b) in pairs.items() if a in best and b in best
@@ -880,6 +965,16 @@ class ColdClock(keras.callbacks.Callback):
 
 
 def measure_cold(
+    shape: Shape, mode: str, epochs: int, steps: int, compiles: CompileLog
+) -> dict[str, Any]:
+    """Build a fresh model and callback, then time its first ``fit``, whole.
+
+    See `_measure_cold`."""
+    with guard_removed(mode):
+        return _measure_cold(shape, mode, epochs, steps, compiles)
+
+
+def _measure_cold(
     shape: Shape, mode: str, epochs: int, steps: int, compiles: CompileLog
 ) -> dict[str, Any]:
     """Build a fresh model and callback, then time its first ``fit``, whole.

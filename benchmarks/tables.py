@@ -1,0 +1,294 @@
+"""Markdown tables of `overhead.py`'s JSON lines, as `docs/performance.md` shows them.
+
+Usage::
+
+    python benchmarks/tables.py warm jax.jsonl            # ms per step and ratios
+    python benchmarks/tables.py profiles jax.jsonl        # 2 and 4 profiles
+    python benchmarks/tables.py guard jax.jsonl           # keras_ema_noguard
+    python benchmarks/tables.py floor jax.jsonl           # the bandwidth floor
+    python benchmarks/tables.py posthoc jax.jsonl         # PostHocEMA's snapshots
+    python benchmarks/tables.py cold cold-jax.jsonl       # first fit, whole
+    python benchmarks/tables.py compiles cold-jax.jsonl   # JAX compile times
+    python benchmarks/tables.py offload offload-jax.jsonl
+    python benchmarks/tables.py compare before-jax.jsonl after-jax.jsonl
+
+Each cell of a ratio is the whole timed ``fit`` and, in brackets, the steady
+state (from batch 3 on; cold: from the second epoch on). When a file holds
+several lines for one shape, the last one is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from collections.abc import Iterable
+
+
+def load(path: str) -> dict[str, dict]:
+    """The results of one JSON-lines file, by shape."""
+    results: dict[str, dict] = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                result = json.loads(line)
+                results[result["shape"]] = result
+    return results
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(result: dict, a: str, b: str, whole: str, steady: str) -> str:
+    """`a / b` for the whole `fit` and, in brackets, the steady state."""
+    if a not in result[whole] or b not in result[whole]:
+        return "-"
+    return (
+        f"{result[whole][a] / result[whole][b]:.2f} "
+        f"({result[steady][a] / result[steady][b]:.2f})"
+    )
+
+
+def warm_ratio(result: dict, a: str, b: str) -> str:
+    return ratio(result, a, b, "ms_per_step", "steady_ms_per_step")
+
+
+def size(result: dict) -> str:
+    return f"{result['params']:,} ({result['variables']})"
+
+
+def warm(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        ms = r["ms_per_step"]
+        rows.append(
+            [
+                shape,
+                size(r),
+                *(f"{ms[m]:.3f}" for m in ("none", "builtin", "keras_ema")),
+                warm_ratio(r, "keras_ema", "builtin"),
+                warm_ratio(r, "keras_ema", "none"),
+                warm_ratio(r, "keras_ema_every10", "none"),
+            ]
+        )
+    header = ["shape", "params (variables)", "ms/step none", "builtin"]
+    header += ["keras_ema", "keras_ema / builtin", "keras_ema / none"]
+    return table(header + ["every10 / none"], rows)
+
+
+def _marginal(r: dict, mode: str, k: int, key: str) -> str:
+    ms = r[key]
+    one = ms["keras_ema"] - ms["none"]
+    if one <= 0 or mode not in ms:
+        return "-"
+    return f"{(ms[mode] - ms['none']) / (k * one):.2f}"
+
+
+def profiles(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        row = [shape, warm_ratio(r, "keras_ema", "builtin")]
+        for mode, k in (("keras_ema_2profiles", 2), ("keras_ema_4profiles", 4)):
+            row.append(warm_ratio(r, mode, "builtin"))
+            row.append(
+                f"{_marginal(r, mode, k, 'ms_per_step')} "
+                f"({_marginal(r, mode, k, 'steady_ms_per_step')})"
+            )
+        rows.append(row)
+    header = ["shape", "1 profile / builtin", "2 profiles / builtin"]
+    header += ["2: added / (2 x one's)", "4 profiles / builtin"]
+    return table(header + ["4: added / (4 x one's)"], rows)
+
+
+def guard(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        ms, steady = r["ms_per_step"], r["steady_ms_per_step"]
+        if "keras_ema_noguard" not in ms:
+            continue
+        share = [
+            (t["keras_ema"] - t["keras_ema_noguard"]) / (t["keras_ema"] - t["none"])
+            if t["keras_ema"] > t["none"]
+            else None
+            for t in (ms, steady)
+        ]
+        shares = " ".join(
+            "-" if s is None else (f"{s:.2f}" if i == 0 else f"({s:.2f})")
+            for i, s in enumerate(share)
+        )
+        rows.append(
+            [
+                shape,
+                f"{ms['keras_ema']:.3f}",
+                f"{ms['keras_ema_noguard']:.3f}",
+                f"{ms['keras_ema'] - ms['keras_ema_noguard']:+.3f}",
+                shares,
+                warm_ratio(r, "keras_ema_noguard", "builtin"),
+            ]
+        )
+    header = ["shape", "keras_ema ms/step", "without guard", "guard ms/step"]
+    header += ["guard / EMA's cost", "without guard / builtin"]
+    return table(header, rows)
+
+
+def posthoc(results: dict[str, dict], snapshot_every: int = 10) -> str:
+    rows = []
+    for shape, r in results.items():
+        ms = r["ms_per_step"]
+        if "keras_ema_posthoc" not in ms:
+            continue
+        added = ms["keras_ema_posthoc"] - ms["keras_ema_2profiles"]
+        rows.append(
+            [
+                shape,
+                f"{ms['keras_ema_2profiles']:.3f}",
+                f"{ms['keras_ema_posthoc']:.3f}",
+                f"{added * snapshot_every:.2f}",
+                warm_ratio(r, "keras_ema_posthoc", "keras_ema_2profiles"),
+                warm_ratio(r, "keras_ema_posthoc", "builtin"),
+            ]
+        )
+    header = ["shape", "2 profiles ms/step", "PostHocEMA ms/step"]
+    header += ["ms per snapshot", "PostHocEMA / 2 profiles", "PostHocEMA / builtin"]
+    return table(header, rows)
+
+
+def floor(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        f = r.get("floor")
+        if not f:
+            continue
+        ms = r["ms_per_step"]
+        rows.append(
+            [
+                shape,
+                f"{f['elements']:,}",
+                f"{f['lerp_ms']:.3f}",
+                f"{f['lerp_gb_per_s']:.1f}",
+                f"{ms['keras_ema'] - ms['none']:.3f}",
+                f"{f['ms_per_step_ema_over_lerp']:.2f} "
+                f"({f['steady_ema_over_lerp']:.2f})",
+            ]
+        )
+    header = ["shape", "float elements", "lerp ms", "lerp GB/s"]
+    header += ["keras_ema - none, ms/step", "(keras_ema - none) / lerp"]
+    return table(header, rows)
+
+
+def cold(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        fit, first, end = r["fit_ms"], r["first_step_ms"], r["end_ms"]
+        rows.append(
+            [
+                shape,
+                *(f"{fit[m]:,.0f}" for m in ("none", "builtin", "keras_ema")),
+                ratio(r, "keras_ema", "builtin", "fit_ms", "steady_ms_per_step"),
+                ratio(r, "keras_ema", "none", "fit_ms", "steady_ms_per_step"),
+                f"{first['builtin']:,.0f} / {first['keras_ema']:,.0f}",
+                f"{end['builtin']:,.1f} / {end['keras_ema']:,.1f}",
+            ]
+        )
+    header = ["shape", "fit ms none", "builtin", "keras_ema"]
+    header += ["keras_ema / builtin", "keras_ema / none"]
+    header += ["first step ms, builtin / keras_ema", "end of fit ms"]
+    return table(header, rows)
+
+
+def _compile_total(entries: list[dict], match: Callable[[dict], bool]) -> str:
+    chosen = [e for e in entries if match(e)]
+    if not chosen:
+        return "-"
+    stages = ("trace_ms", "lower_ms", "compile_ms")
+    return f"{sum(e[s] for e in chosen for s in stages):,.0f}"
+
+
+def compiles(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        if "compiles" not in r:
+            continue
+        builtin, ema = r["compiles"]["builtin"], r["compiles"]["keras_ema"]
+        rows.append(
+            [
+                shape,
+                _compile_total(builtin, lambda e: "train_step" in e["function"]),
+                _compile_total(ema, lambda e: "fused_step" in e["function"]),
+                f"{r['compile_ms']['builtin']:,.0f}",
+                f"{r['compile_ms']['keras_ema']:,.0f}",
+                str(sum(e["compiles"] for e in ema if e["phase"] == "end")),
+            ]
+        )
+    header = ["shape", "builtin: train_step ms", "keras_ema: fused_step ms"]
+    header += ["all compiles ms, builtin", "keras_ema", "keras_ema compiles at end"]
+    return table(header, rows)
+
+
+def offload(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        ms = r["ms_per_step"]
+        rows.append(
+            [
+                shape,
+                *(
+                    f"{ms[m]:.3f}"
+                    for m in ("none", "keras_ema_offload", "keras_ema_offload_every10")
+                ),
+                warm_ratio(r, "keras_ema_offload", "none"),
+                warm_ratio(r, "keras_ema_offload_every10", "none"),
+            ]
+        )
+    header = ["shape", "ms/step none", "offload", "offload, every 10"]
+    return table(header + ["offload / none", "offload every 10 / none"], rows)
+
+
+def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
+    rows = []
+    for shape, a in after.items():
+        b = before.get(shape)
+        if b is None:
+            continue
+        row = [shape]
+        for mode in ("keras_ema", "keras_ema_every10"):
+            row.append(f"{b['ms_per_step'][mode]:.3f} / {a['ms_per_step'][mode]:.3f}")
+            row.append(
+                f"{warm_ratio(b, mode, 'builtin')} / {warm_ratio(a, mode, 'builtin')}"
+            )
+        rows.append(row)
+    header = ["shape", "keras_ema ms/step, before / after"]
+    header += ["keras_ema / builtin, before / after"]
+    header += ["every10 ms/step, before / after", "every10 / builtin, before / after"]
+    return table(header, rows)
+
+
+KINDS = {
+    "warm": warm,
+    "profiles": profiles,
+    "guard": guard,
+    "floor": floor,
+    "posthoc": posthoc,
+    "cold": cold,
+    "compiles": compiles,
+    "offload": offload,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kind", choices=[*KINDS, "compare"])
+    parser.add_argument("files", nargs="+", help="JSON-lines files of overhead.py")
+    args = parser.parse_args()
+    if args.kind == "compare":
+        before, after = args.files
+        print(compare(load(before), load(after)))
+    else:
+        print(KINDS[args.kind](load(args.files[0])))
+
+
+if __name__ == "__main__":
+    main()
