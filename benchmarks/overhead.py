@@ -131,6 +131,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import inspect
 import json
 import os
 import platform
@@ -525,11 +526,14 @@ def _measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
     unalias_builtin_ema(model)
     data = make_data(shape, steps)
     clock = StepClock(model)
-    start = time.perf_counter()
-    _fit(model, shape, data, [*callbacks, clock])
-    wait_for_device(model, callbacks)
-    end = time.perf_counter()
+    with SnapshotTimer(callbacks) as snapshots:
+        start = time.perf_counter()
+        _fit(model, shape, data, [*callbacks, clock])
+        wait_for_device(model, callbacks)
+        end = time.perf_counter()
+    extra = {"snapshot_ms": snapshots.per_snapshot()} if snapshots.active else {}
     return {
+        **extra,
         "ms_per_step": 1000.0 * (end - start) / steps,
         "steady_ms_per_step": 1000.0 * (end - clock.stamp) / (steps - STARTUP_STEPS),
         "startup_ms": 1000.0 * (clock.stamp - start),
@@ -542,6 +546,124 @@ def _measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
         "float_elements": float_elements(model),
         "jit_compile": bool(model.jit_compile),
     }
+
+
+class SnapshotTimer:
+    """Where a ``PostHocEMA``'s snapshots spend their time during the timed
+    ``fit``: its blocking part on the training thread (``block``), of which
+    waiting for the device to finish the steps queued so far (``device``:
+    JAX dispatches ahead; TensorFlow and torch on CPU have nothing queued),
+    waiting for the previous file (``wait``), bringing the model's variables
+    up to date (``sync``: on JAX, Keras' train state written back into the
+    model), writing the averages back from the update's own layout
+    (``flush``) and copying the averages and buffers to the host (``copy``,
+    which also waits for the device's queued steps); and writing the file,
+    on the writer thread (``write``). A patch of the benchmark around the
+    callback's own methods; inactive for the other modes."""
+
+    PARTS = ("block", "device", "wait", "sync", "flush", "copy", "write")
+    # Parts that other hooks of the callback also run: counted only inside
+    # a snapshot.
+    INSIDE_ONLY = ("wait", "sync", "flush")
+
+    def __init__(self, callbacks: list[keras.callbacks.Callback]) -> None:
+        from keras_ema import PostHocEMA
+
+        found = [c for c in callbacks if isinstance(c, PostHocEMA)]
+        self.callback = found[0] if found else None
+        self.active = self.callback is not None
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.count = 0
+        self._inside = False
+        self._stack = contextlib.ExitStack()
+
+    def _timed(self, part: str, function: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            counted = part not in self.INSIDE_ONLY or self._inside
+            if part == "block":
+                self._inside = True
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                if counted:
+                    self.seconds[part] += time.perf_counter() - start
+                if part == "block":
+                    self.count += 1
+                    self._inside = False
+
+        return timed
+
+    def __enter__(self) -> SnapshotTimer:
+        if not self.active:
+            return self
+        from unittest import mock
+
+        from keras_ema.posthoc import callback as posthoc_callback
+
+        c = self.callback
+        patch = self._stack.enter_context
+        drain = self._timed("device", self._drain)
+        take_snapshot = c._take_snapshot
+
+        def drained_snapshot(step: int) -> None:
+            drain()
+            take_snapshot(step)
+
+        patch(
+            mock.patch.object(
+                c, "_take_snapshot", self._timed("block", drained_snapshot)
+            )
+        )
+        patch(mock.patch.object(c, "_write", self._timed("write", c._write)))
+        patch(
+            mock.patch.object(
+                c, "_flushed_state", self._timed("flush", c._flushed_state)
+            )
+        )
+        model = inspect.getattr_static(c, "model")
+        patch(
+            mock.patch.object(
+                type(c),
+                "model",
+                property(self._timed("sync", model.fget), model.fset),
+            )
+        )
+        patch(
+            mock.patch.object(
+                c._writer, "finish", self._timed("wait", c._writer.finish)
+            )
+        )
+        patch(
+            mock.patch.object(
+                posthoc_callback,
+                "snapshot_values",
+                self._timed("copy", posthoc_callback.snapshot_values),
+            )
+        )
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.active:
+            # The last file is written before the counts are read.
+            self.callback.wait()
+        self._stack.close()
+
+    def _drain(self) -> None:
+        """Blocks until the steps queued on the device are done: the
+        update's own arrays are the last thing each step writes."""
+        if keras.backend.backend() != "jax":
+            return
+        import jax
+
+        arrays = getattr(self.callback._engine, "_arrays", None)
+        jax.block_until_ready(jax.tree_util.tree_leaves(arrays))
+
+    def per_snapshot(self) -> dict[str, float]:
+        """Milliseconds per snapshot of each part, and the count."""
+        n = max(self.count, 1)
+        timed = {part: 1000.0 * s / n for part, s in self.seconds.items()}
+        return {**timed, "count": self.count}
 
 
 def _current_rss_kib() -> int:
@@ -590,11 +712,14 @@ def run_shape(
     }
     info: dict[str, dict[str, Any]] = {}
     lerps: list[float] = []
+    snapshot_runs: list[dict[str, float]] = []
     for _ in range(repeats):
         for mode in modes:
             info[mode] = measure(shape, mode, steps)
             for key in METRICS:
                 runs[key][mode].append(info[mode][key])
+            if "snapshot_ms" in info[mode]:
+                snapshot_runs.append(info[mode]["snapshot_ms"])
         first = info[modes[0]]
         if floor or first["params"] > FLOOR_PARAMS:
             lerps.append(measure_floor(first["float_elements"], first["jit_compile"]))
@@ -614,6 +739,11 @@ def run_shape(
     result["steady_ratios"] = _ratios(result["steady_ms_per_step"])
     result["ms_per_step_all"] = runs["ms_per_step"]
     result["state_bytes"] = {m: info[m]["state_bytes"] for m in modes}
+    if snapshot_runs:
+        # Each part's minimum over the rounds, as for the step times.
+        result["snapshot_ms"] = {
+            k: min(r[k] for r in snapshot_runs) for k in snapshot_runs[0]
+        }
     if lerps:
         result["floor"] = floor_result(
             lerps,
@@ -714,6 +844,16 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"  {label}: {format_ratios(ratios)}")
     if "floor" in result:
         print_floor(result["floor"])
+    if "snapshot_ms" in result:
+        parts = result["snapshot_ms"]
+        print(
+            f"  PostHocEMA snapshots ({parts['count']} per fit), ms each: "
+            f"blocking {parts['block']:.2f} (queued steps {parts['device']:.2f}, "
+            f"waiting for the previous file "
+            f"{parts['wait']:.2f}, model sync {parts['sync']:.2f}, flush "
+            f"{parts['flush']:.2f}, host copy {parts['copy']:.2f}); "
+            f"file written by the writer thread {parts['write']:.2f}"
+        )
     if "other_cpu_s" in result:
         print(
             f"  wall {result['wall_s']} s; CPU used by other processes meanwhile: "

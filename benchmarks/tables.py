@@ -7,6 +7,7 @@ Usage::
     python benchmarks/tables.py guard jax.jsonl           # keras_ema_noguard
     python benchmarks/tables.py floor jax.jsonl           # the bandwidth floor
     python benchmarks/tables.py posthoc jax.jsonl         # PostHocEMA's snapshots
+    python benchmarks/tables.py snapshots jax.jsonl       # where a snapshot's time goes
     python benchmarks/tables.py cold cold-jax.jsonl       # first fit, whole
     python benchmarks/tables.py compiles cold-jax.jsonl   # JAX compile times
     python benchmarks/tables.py offload offload-jax.jsonl
@@ -156,6 +157,36 @@ def posthoc(results: dict[str, dict], snapshot_every: int = 10) -> str:
     return table(header, rows)
 
 
+def snapshots(results: dict[str, dict]) -> str:
+    rows = []
+    for shape, r in results.items():
+        parts = r.get("snapshot_ms")
+        if parts is None:
+            continue
+        rows.append(
+            [
+                shape,
+                str(parts["count"]),
+                f"{parts['block']:.2f}",
+                f"{parts['device']:.2f}",
+                f"{parts['wait']:.2f}",
+                f"{parts['sync']:.2f}",
+                f"{parts['flush']:.2f}",
+                f"{parts['copy']:.2f}",
+                f"{parts['write']:.2f}",
+            ]
+        )
+    header = ["shape", "snapshots per fit", "blocking ms", "of which queued steps"]
+    header += [
+        "previous file",
+        "model sync",
+        "flush",
+        "host copy",
+        "writing ms (writer thread)",
+    ]
+    return table(header, rows)
+
+
 def floor(results: dict[str, dict]) -> str:
     rows = []
     for shape, r in results.items():
@@ -272,6 +303,7 @@ KINDS = {
     "guard": guard,
     "floor": floor,
     "posthoc": posthoc,
+    "snapshots": snapshots,
     "cold": cold,
     "compiles": compiles,
     "offload": offload,
