@@ -555,16 +555,15 @@ class SnapshotTimer:
     JAX dispatches ahead; TensorFlow and torch on CPU have nothing queued),
     waiting for the previous file (``wait``), bringing the model's variables
     up to date (``sync``: on JAX, Keras' train state written back into the
-    model), writing the averages back from the update's own layout
-    (``flush``) and copying the averages and buffers to the host (``copy``,
-    which also waits for the device's queued steps); and writing the file,
-    on the writer thread (``write``). A patch of the benchmark around the
+    model), copying the averages to the host (``averages``) and copying the
+    other weights, the buffers (``buffers``); and writing the file, on the
+    writer thread (``write``). A patch of the benchmark around the
     callback's own methods; inactive for the other modes."""
 
-    PARTS = ("block", "device", "wait", "sync", "flush", "copy", "write")
+    PARTS = ("block", "device", "wait", "sync", "averages", "buffers", "write")
     # Parts that other hooks of the callback also run: counted only inside
     # a snapshot.
-    INSIDE_ONLY = ("wait", "sync", "flush")
+    INSIDE_ONLY = ("wait", "sync", "averages")
 
     def __init__(self, callbacks: list[keras.callbacks.Callback]) -> None:
         from keras_ema import PostHocEMA
@@ -616,9 +615,10 @@ class SnapshotTimer:
             )
         )
         patch(mock.patch.object(c, "_write", self._timed("write", c._write)))
+        engine = c._engine
         patch(
             mock.patch.object(
-                c, "_flushed_state", self._timed("flush", c._flushed_state)
+                engine, "host_shadows", self._timed("averages", engine.host_shadows)
             )
         )
         model = inspect.getattr_static(c, "model")
@@ -638,7 +638,7 @@ class SnapshotTimer:
             mock.patch.object(
                 posthoc_callback,
                 "snapshot_values",
-                self._timed("copy", posthoc_callback.snapshot_values),
+                self._timed("buffers", posthoc_callback.snapshot_values),
             )
         )
         return self
@@ -850,8 +850,8 @@ def print_table(result: dict[str, Any]) -> None:
             f"  PostHocEMA snapshots ({parts['count']} per fit), ms each: "
             f"blocking {parts['block']:.2f} (queued steps {parts['device']:.2f}, "
             f"waiting for the previous file "
-            f"{parts['wait']:.2f}, model sync {parts['sync']:.2f}, flush "
-            f"{parts['flush']:.2f}, host copy {parts['copy']:.2f}); "
+            f"{parts['wait']:.2f}, model sync {parts['sync']:.2f}, averages "
+            f"{parts['averages']:.2f}, buffers {parts['buffers']:.2f}); "
             f"file written by the writer thread {parts['write']:.2f}"
         )
     if "other_cpu_s" in result:

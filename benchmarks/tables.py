@@ -157,34 +157,34 @@ def posthoc(results: dict[str, dict], snapshot_every: int = 10) -> str:
     return table(header, rows)
 
 
+SNAPSHOT_PARTS = {
+    "device": "queued steps",
+    "wait": "previous file",
+    "sync": "model sync",
+    "averages": "averages to host",
+    "buffers": "buffers to host",
+    # Parts of files written before the averages were copied straight from
+    # the engine: the flush into the variables, then one copy of everything.
+    "flush": "flush",
+    "copy": "host copy",
+}
+
+
 def snapshots(results: dict[str, dict]) -> str:
-    rows = []
+    rows, parts_seen = [], []
+    for r in results.values():
+        parts_seen += [p for p in r.get("snapshot_ms", {}) if p in SNAPSHOT_PARTS]
+    columns = [p for p in SNAPSHOT_PARTS if p in parts_seen]
     for shape, r in results.items():
         parts = r.get("snapshot_ms")
         if parts is None:
             continue
-        rows.append(
-            [
-                shape,
-                str(parts["count"]),
-                f"{parts['block']:.2f}",
-                f"{parts['device']:.2f}",
-                f"{parts['wait']:.2f}",
-                f"{parts['sync']:.2f}",
-                f"{parts['flush']:.2f}",
-                f"{parts['copy']:.2f}",
-                f"{parts['write']:.2f}",
-            ]
-        )
-    header = ["shape", "snapshots per fit", "blocking ms", "of which queued steps"]
-    header += [
-        "previous file",
-        "model sync",
-        "flush",
-        "host copy",
-        "writing ms (writer thread)",
-    ]
-    return table(header, rows)
+        row = [shape, str(parts["count"]), f"{parts['block']:.2f}"]
+        row += [f"{parts[p]:.2f}" if p in parts else "-" for p in columns]
+        rows.append([*row, f"{parts['write']:.2f}"])
+    header = ["shape", "snapshots per fit", "blocking ms"]
+    header += [f"of which {SNAPSHOT_PARTS[p]}" for p in columns]
+    return table([*header, "writing ms (writer thread)"], rows)
 
 
 def floor(results: dict[str, dict]) -> str:

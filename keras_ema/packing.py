@@ -64,8 +64,10 @@ class Packing:
                 packed.append(ops.cast(values[group[0]], dtype))
         return packed
 
-    def unpack(self, packed) -> list:
-        """Values aligned with the shadows, from the packed values."""
+    def unpack(self, packed, reshape: Callable = ops.reshape) -> list:
+        """Values aligned with the shadows, from the packed values: slices
+        of each flat one, shaped by `reshape` (`numpy.reshape` for host
+        arrays, whose slices are views)."""
         values = [None] * len(self.shapes)
         for group, flat, value in zip(self.groups, self.flat, packed, strict=True):
             if not flat:
@@ -75,6 +77,6 @@ class Packing:
             for index in group:
                 size = math.prod(self.shapes[index])
                 part = value[offset : offset + size]
-                values[index] = ops.reshape(part, self.shapes[index])
+                values[index] = reshape(part, self.shapes[index])
                 offset += size
         return values

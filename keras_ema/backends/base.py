@@ -5,7 +5,9 @@ An engine belongs to one `ShadowState`. Between two reads the EMA may live
 outside its variables (JAX threads arrays through its train step, TensorFlow
 updates packed flat variables, torch keeps the counter in Python): `flush()`
 makes the variables current, `reload()` says they were written from outside
-(a loaded state) and must be read again. `install()`/`uninstall()` put the
+(a loaded state) and must be read again; `host_shadows()` copies the
+averages to the host, straight from where they live (a snapshot of
+`PostHocEMA` needs no variable made current). `install()`/`uninstall()` put the
 update into the model's training around a `fit`; `update()` runs one update
 outside `fit`.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import keras
+import numpy as np
 
 from keras_ema import update
 from keras_ema.host_counters import optimizer_may_skip
@@ -30,6 +33,16 @@ def copy_each_weight(tracked, fresh_copy) -> list:
         )
         for weight in tracked
     ]
+
+
+def host_copy(value) -> np.ndarray:
+    """A NumPy copy of one value that shares no memory with it (TensorFlow,
+    torch and JAX on CPU hand out views of buffers that later steps
+    overwrite or donate)."""
+    array = np.asarray(keras.ops.convert_to_numpy(value))
+    if array.flags.owndata and array.base is None:
+        return array
+    return np.array(array, copy=True)
 
 
 def assign_each(model, backup) -> None:
@@ -116,6 +129,15 @@ class Engine:
 
     def reload(self) -> None:
         """The variables were written from outside: read them again."""
+
+    def host_shadows(self) -> list[list]:
+        """Every profile's shadows as NumPy arrays of their own (nothing a
+        later step writes), in `state.weights` order: one list per profile."""
+        self.flush()
+        return [
+            [host_copy(shadow.value) for shadow in profile.shadows]
+            for profile in self.state.profiles
+        ]
 
     # -- outside `fit` -------------------------------------------------------
 

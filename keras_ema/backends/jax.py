@@ -180,6 +180,10 @@ def _committed_copy(array):
     return jax.device_put(array, array.sharding, may_alias=False)
 
 
+def _on_host(array) -> np.ndarray:
+    return np.asarray(jax.device_get(array))
+
+
 def _committed(tree):
     """`tree` with every uncommitted array committed to its device.
 
@@ -290,32 +294,30 @@ class Engine(base.Engine):
         state.step.assign(int(jax.device_get(step)) + self._pending)
         state.skipped.assign(_committed_copy(skipped))
         for profile, packed in zip(state.profiles, shadows, strict=True):
-            values = self._unpacked(packed)
+            values = self._unpacked(packed, _committed_copy, _on_host)
             for shadow, value in zip(profile.shadows, values, strict=True):
                 shadow.assign(value)
 
-    def _unpacked(self, packed) -> list:
+    def host_shadows(self) -> list[list]:
+        # Straight from the live arrays: writing them into the variables
+        # first (`flush`) costs a transfer back to the device per variable.
+        if self._arrays is None:
+            return super().host_shadows()
+        _, shadows = self._arrays
+        copy = base.host_copy
+        return [self._unpacked(packed, copy, copy) for packed in shadows]
+
+    def _unpacked(self, packed, whole, flat_on_host) -> list:
         """Each shadow's value from one profile's packed arrays, compiling
-        nothing: packed groups (small by construction) are sliced on the
-        host, the others copied on their own devices. A jitted unpack would
-        be compiled at the end of every model's first `fit`."""
-        packing = self.packing
-        values = [None] * len(packing.shapes)
-        for group, flat, array in zip(
-            packing.groups, packing.flat, packed, strict=True
-        ):
-            if not flat:
-                values[group[0]] = _committed_copy(array)
-                continue
-            host = np.asarray(jax.device_get(array))
-            offset = 0
-            for index in group:
-                size = int(np.prod(packing.shapes[index]))
-                values[index] = host[offset : offset + size].reshape(
-                    packing.shapes[index]
-                )
-                offset += size
-        return values
+        nothing: packed groups (small by construction) are brought to the
+        host by `flat_on_host` and sliced there, the others copied by
+        `whole`. A jitted unpack would be compiled at the end of every
+        model's first `fit`."""
+        arrays = [
+            flat_on_host(array) if flat else whole(array)
+            for flat, array in zip(self.packing.flat, packed, strict=True)
+        ]
+        return self.packing.unpack(arrays, reshape=np.reshape)
 
     def reload(self) -> None:
         self._arrays = None

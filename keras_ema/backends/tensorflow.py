@@ -16,6 +16,7 @@ import contextlib
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from keras_ema import _internals
@@ -187,6 +188,22 @@ class _PackedShadows:
     def reload(self) -> None:
         self._current = False
 
+    def host_shadows(self) -> list[list]:
+        """`Engine.host_shadows`, sliced on the host from one copy of each
+        flat variable: no eager op per shadow."""
+        if self._flat is None or not self._current:
+            return None
+        copies = []
+        for flats, profile in zip(self._flat, self.state.profiles, strict=True):
+            arrays = [
+                base.host_copy(
+                    (flat if flat is not None else profile.shadows[group[0]]).value
+                )
+                for flat, group in zip(flats, self.packing.groups, strict=True)
+            ]
+            copies.append(self.packing.unpack(arrays, reshape=np.reshape))
+        return copies
+
 
 def assign_update(state, run, read_values, stepped=None, blend=None, packed=None):
     """Runs `run` (`update.update_all` or `update_when_due`) on the values of
@@ -253,6 +270,10 @@ class Engine(base.Engine):
     def reload(self) -> None:
         if self.packed is not None:
             self.packed.reload()
+
+    def host_shadows(self) -> list[list]:
+        copies = self.packed.host_shadows() if self.packed is not None else None
+        return copies if copies is not None else super().host_shadows()
 
     def build_train_function(self):
         state, model, packed = self.state, self.model, self.packed

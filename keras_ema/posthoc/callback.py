@@ -445,8 +445,9 @@ class PostHocEMA(EMA):
         # it is written.
         self._writer.finish()
         model = self.model  # On JAX, syncs Keras' train state into the model.
-        state = self._flushed_state()
-        averaged, buffers = snapshot_values(state, model)
+        state = self._require_state()
+        shadows = self._engine.host_shadows()
+        averaged, buffers = snapshot_values(state, shadows, model)
         self._writer.submit(self.directory, self._write, step, averaged, buffers)
         self._last_snapshot = step
 
