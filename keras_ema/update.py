@@ -72,7 +72,7 @@ def every_step_due(schedules: Sequence[Schedule]) -> bool:
     return all(schedule.update_every == 1 for schedule in schedules)
 
 
-def all_finite(values):
+def all_finite(values, xla: bool = False):
     """Whether every element of every value is finite, as one device scalar.
 
     Small values of one dtype are concatenated, in order, into groups of up
@@ -80,13 +80,14 @@ def all_finite(values):
     start before this flag is known, and on XLA a reduction per small weight
     costs more than the EMA itself on a model of many small weights. Large
     values are checked alone: concatenating them would copy them, and under
-    a `keras.distribution` would gather their shards.
+    a `keras.distribution` would gather their shards. `xla`: whether the
+    check runs inside an XLA computation (`is_finite`).
     """
     checks, groups, open_group = [], [], {}
     for value in values:
         size = math.prod(value.shape)
         if size > GROUP_ELEMENTS:
-            checks.append(is_finite(value))
+            checks.append(is_finite(value, xla))
             continue
         dtype = keras.backend.standardize_dtype(value.dtype)
         group = open_group.get(dtype)
@@ -97,19 +98,29 @@ def all_finite(values):
         group[1].append(ops.reshape(value, (-1,)))
     for group in groups:
         flat = group[0] if len(group) == 1 else ops.concatenate(group)
-        checks.append(is_finite(flat))
+        checks.append(is_finite(flat, xla))
     return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
 
 
-def is_finite(value):
+def is_finite(value, xla: bool = False):
     """Whether every element of one value is finite, as a device scalar.
 
-    A matrix with a last axis of some length is multiplied by a zero vector:
-    `0 * x` is 0 for a finite `x` and NaN for NaN or Inf, so the product is
-    finite exactly when the matrix is, and it never overflows. That is one
-    vectorised (and, on CPU, multithreaded) pass, where `all(isfinite(x))`
-    first writes a boolean array and then reduces it.
+    `0 * x` is 0 for a finite `x` and NaN for NaN or Inf, so a sum of such
+    products is finite exactly when every element is, and it never
+    overflows. Inside an XLA computation (`xla`), the products and their sum
+    fuse into one pass over the value. Elsewhere each op is a pass of its
+    own, and a matrix with a last axis of some length is multiplied by a
+    zero vector instead: one vectorised (and, on CPU, multithreaded) pass,
+    where `all(isfinite(x))` first writes a boolean array and then reduces
+    it. (XLA on CPU compiles each matrix-vector product into a loop nest of
+    its own, which makes every first `fit` compile for longer.)
     """
+    if xla and math.prod(value.shape) > 0:
+        # A zero made from the data, not a constant a compiler could fold
+        # the products with; a NaN or Inf there makes the sum NaN anyway.
+        # Indexed, not flattened: flattening a sharded weight gathers it.
+        zero = value[(0,) * len(value.shape)] * 0
+        return ops.isfinite(ops.sum(value * zero))
     if len(value.shape) < 2 or value.shape[-1] < 8:
         return ops.all(ops.isfinite(value))
     matrix = ops.reshape(value, (-1, value.shape[-1]))
@@ -177,6 +188,7 @@ def update_all(
     read_values: Callable[[], list],
     stepped=None,
     blend: Blend = blend_elementwise,
+    xla: bool = False,
 ):
     """One step of every profile, the weights read (and checked) every step.
 
@@ -193,6 +205,8 @@ def update_all(
             move the weights this step (nothing happens then, the counter
             included); `None` when every step moves them.
         blend: `blend_elementwise` or `blend_by_branches`.
+        xla: Whether the update runs inside an XLA computation, which
+            chooses the form of the NaN/Inf guard (`is_finite`).
 
     Returns:
         `((step, skipped), shadows, decays)`: the new counters, the new
@@ -202,7 +216,7 @@ def update_all(
     t = advance(step, stepped)
     flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
     new_shadows, skipped = _blend_profiles(
-        kinds, shadows, read_values(), flags, skipped, blend
+        kinds, shadows, read_values(), flags, skipped, blend, xla
     )
     return (t, skipped), new_shadows, _decays(flags)
 
@@ -215,6 +229,7 @@ def update_when_due(
     read_values: Callable[[], list],
     stepped=None,
     blend: Blend = blend_elementwise,
+    xla: bool = False,
 ):
     """`update_all` inside a `cond` on any profile being due: a step that
     updates no profile reads no weight and writes no shadow."""
@@ -223,7 +238,8 @@ def update_when_due(
     flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
 
     def due():
-        return _blend_profiles(kinds, shadows, read_values(), flags, skipped, blend)
+        values = read_values()
+        return _blend_profiles(kinds, shadows, values, flags, skipped, blend, xla)
 
     def not_due():
         return [list(s) for s in shadows], skipped
@@ -232,8 +248,8 @@ def update_when_due(
     return (t, skipped), new_shadows, _decays(flags)
 
 
-def _blend_profiles(kinds, shadows, values, flags, skipped, blend):
-    finite = all_finite(values)
+def _blend_profiles(kinds, shadows, values, flags, skipped, blend, xla):
+    finite = all_finite(values, xla)
     new = [
         blend(kinds, profile_shadows, values, profile_flags_, finite)
         for profile_shadows, profile_flags_ in zip(shadows, flags, strict=True)

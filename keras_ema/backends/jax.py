@@ -346,6 +346,7 @@ class Engine(base.Engine):
         iterations_of = _internals.jax_state_optimizer_variable(model, iterations)
         keras_train_step = model.train_step
         skip_on_host = not update.every_step_due(schedules) and not may_skip
+        jitted = not model.run_eagerly and model.jit_compile
         run_update = update.update_when_due if base.gated(state) else update.update_all
         if skip_on_host:
             run_update = update.update_all
@@ -367,12 +368,13 @@ class Engine(base.Engine):
                     as_stored(locate(keras_state), packing.shadow_dtypes)
                 ),
                 stepped,
+                xla=jitted,
             )
             logs = base.ema_logs(logs, state, decays, counters[1])
             return logs, keras_state, (list(counters), shadows)
 
         keras_step = keras_train_step
-        if not model.run_eagerly and model.jit_compile:
+        if jitted:
             keras_shardings = _internals.jax_train_out_shardings(model)
             out_shardings = keras_shardings
             if out_shardings is not None:
@@ -421,7 +423,12 @@ class Engine(base.Engine):
 
             def pure(counters, shadows, weights):
                 counters, shadows, _ = update.update_when_due(
-                    state.schedules, state.kinds, counters, shadows, lambda: weights
+                    state.schedules,
+                    state.kinds,
+                    counters,
+                    shadows,
+                    lambda: weights,
+                    xla=True,
                 )
                 return list(counters), shadows
 

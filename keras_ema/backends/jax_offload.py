@@ -43,7 +43,7 @@ class HostPlacement(base.Placement):
 
 def _host_update(schedules, kinds, step, skipped, shadows, weights):
     (_, skipped), shadows, _ = update.update_all(
-        schedules, kinds, (step, skipped), shadows, lambda: weights
+        schedules, kinds, (step, skipped), shadows, lambda: weights, xla=True
     )
     return shadows, skipped
 

@@ -174,8 +174,14 @@ class _PackedShadows:
             for flats, profile in zip(self._flat, self.state.profiles, strict=True)
         ]
 
+    @property
+    def live(self) -> bool:
+        """Whether the flat variables hold the latest averages (those of the
+        small shadows' variables may be older)."""
+        return self._flat is not None and self._current
+
     def flush(self) -> None:
-        if self._flat is None or not self._current:
+        if not self.live:
             return
         for flats, profile in zip(self._flat, self.state.profiles, strict=True):
             values = self.packing.unpack(
@@ -189,10 +195,8 @@ class _PackedShadows:
         self._current = False
 
     def host_shadows(self) -> list[list]:
-        """`Engine.host_shadows`, sliced on the host from one copy of each
-        flat variable: no eager op per shadow."""
-        if self._flat is None or not self._current:
-            return None
+        """`Engine.host_shadows` while `live`, sliced on the host from one
+        copy of each flat variable: no eager op per shadow."""
         copies = []
         for flats, profile in zip(self._flat, self.state.profiles, strict=True):
             arrays = [
@@ -205,10 +209,13 @@ class _PackedShadows:
         return copies
 
 
-def assign_update(state, run, read_values, stepped=None, blend=None, packed=None):
+def assign_update(
+    state, run, read_values, stepped=None, blend=None, packed=None, xla=False
+):
     """Runs `run` (`update.update_all` or `update_when_due`) on the values of
     the counters and shadows (or of `packed`'s variables), and assigns the
-    results; returns the new counters and the decays."""
+    results; returns the new counters and the decays. `xla`: whether it runs
+    in a function XLA compiles."""
     targets = [p.shadows for p in state.profiles]
     kinds = state.kinds
     if packed is not None:
@@ -223,6 +230,7 @@ def assign_update(state, run, read_values, stepped=None, blend=None, packed=None
         read_values,
         stepped,
         blend or update.blend_elementwise,
+        xla,
     )
     variables = [*state.counters, *(v for profile in targets for v in profile)]
     values = [*counters, *(v for profile in shadows for v in profile)]
@@ -272,8 +280,9 @@ class Engine(base.Engine):
             self.packed.reload()
 
     def host_shadows(self) -> list[list]:
-        copies = self.packed.host_shadows() if self.packed is not None else None
-        return copies if copies is not None else super().host_shadows()
+        if self.packed is not None and self.packed.live:
+            return self.packed.host_shadows()
+        return super().host_shadows()
 
     def build_train_function(self):
         state, model, packed = self.state, self.model, self.packed
@@ -307,7 +316,7 @@ class Engine(base.Engine):
                     before, read(iterations), accumulation
                 )
             counters, decays = assign_update(
-                state, run, read_values, stepped, blend, packed
+                state, run, read_values, stepped, blend, packed, xla
             )
             return base.ema_logs(logs, state, decays, counters[1])
 

@@ -25,7 +25,6 @@ from keras_ema.host_counters import HostCounters
 from keras_ema.host_counters import OptimizerSteps
 from keras_ema.sizes import IN_PLACE_ELEMENTS
 from keras_ema.state import Kind
-from keras_ema.update import is_finite
 
 # --------------------------------------------------------------------------
 # Buffers and layouts
@@ -75,6 +74,23 @@ class Placement(base.Placement):
 
     def initial_value(self, weight, dtype):
         return fresh_copy(weight.value, dtype)
+
+
+def all_finite(values) -> bool:
+    """Whether every element of every value is finite, read on the host.
+
+    `aminmax` reads a value once and writes nothing, and both extremes are
+    finite exactly when every element is (NaN propagates through both),
+    where a matrix-vector product with zeros reads it at half the speed on
+    the CPU. Reading the flags costs no device sync there.
+    """
+    for value in values:
+        if value.numel() == 0:
+            continue
+        low, high = torch.aminmax(value)
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------
@@ -237,8 +253,7 @@ class Engine(base.Engine):
 
     def _blend_in_place(self, weights_per_profile) -> None:
         with torch.no_grad():
-            weights = [w.value for w in self.state.weights]
-            if not all(bool(is_finite(weight)) for weight in weights):
+            if not all_finite(w.value for w in self.state.weights):
                 self.state.skipped.value.add_(1)
                 return
             for profile, kind_weights in enumerate(weights_per_profile):
