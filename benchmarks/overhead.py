@@ -102,7 +102,12 @@ with XLA when Keras compiles the models with it; torch: ``Tensor.lerp_``), media
 ``(keras_ema - none) / lerp`` for ``ms_per_step`` and ``steady_ms_per_step``
 (``steady`` only in the cold mode): how many such passes the EMA's cost per step
 is worth. The EMA's update also reads the weights for its NaN/Inf guard: 16 bytes an
-element against the lerp's 12, a ratio of 1.33 at the same bandwidth.
+element against the lerp's 12, a ratio of 1.33 at the same bandwidth. Without a
+strategy, each round also times the update alone on a fresh model of the shape, one
+update after each lerp, median of as many (``update_ms``, ``update_over_lerp``):
+``EMA.update()`` on TensorFlow and torch, and on JAX the fused step's update jitted
+on its own (`make_update`). The difference of two whole ``fit`` calls cannot resolve a
+few ms in steps of 50-300 ms on a noisy machine; this can.
 
 MirroredStrategy (``--strategy mirrored``, TensorFlow only, warm or cold): the CPU is
 split into 2 logical devices at start-up, before TensorFlow initialises, and every
@@ -327,7 +332,9 @@ def guard_removed(mode: str):
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             mock.patch.object(
-                update, "all_finite", lambda values: keras.ops.convert_to_tensor(True)
+                update,
+                "all_finite",
+                lambda values, xla=False: keras.ops.convert_to_tensor(True),
             )
         )
         if keras.backend.backend() == "torch":
@@ -342,7 +349,9 @@ def guard_removed(mode: str):
                     lambda self, onlines: torch.tensor(True),
                 )
             )
-            stack.enter_context(mock.patch.object(engine, "is_finite", lambda v: True))
+            stack.enter_context(
+                mock.patch.object(engine, "all_finite", lambda values: True)
+            )
         yield
 
 
@@ -711,7 +720,7 @@ def run_shape(
         k: {m: [] for m in modes} for k in METRICS
     }
     info: dict[str, dict[str, Any]] = {}
-    lerps: list[float] = []
+    floors: list[tuple[float, float | None]] = []
     snapshot_runs: list[dict[str, float]] = []
     for _ in range(repeats):
         for mode in modes:
@@ -722,7 +731,7 @@ def run_shape(
                 snapshot_runs.append(info[mode]["snapshot_ms"])
         first = info[modes[0]]
         if floor or first["params"] > FLOOR_PARAMS:
-            lerps.append(measure_floor(first["float_elements"], first["jit_compile"]))
+            floors.append(floor_round(shape, first))
     result: dict[str, Any] = {
         "backend": keras.backend.backend(),
         "shape": shape.name,
@@ -744,9 +753,9 @@ def run_shape(
         result["snapshot_ms"] = {
             k: min(r[k] for r in snapshot_runs) for k in snapshot_runs[0]
         }
-    if lerps:
+    if floors:
         result["floor"] = floor_result(
-            lerps,
+            floors,
             first["float_elements"],
             {
                 "ms_per_step": result["ms_per_step"],
@@ -932,28 +941,128 @@ def make_lerp(elements: int, jit_compile: bool) -> Callable[[], None]:
     return run
 
 
-def measure_floor(elements: int, jit_compile: bool) -> float:
-    """Median ms of ``FLOOR_REPEATS`` lerps (`make_lerp`), after a warm-up."""
+def make_update(model: keras.Model) -> Callable[[], None]:
+    """A function running the EMA's update alone on ``model``'s weights, as a
+    ``keras_ema`` step does (guard included), and waiting for it.
+
+    torch and TensorFlow: ``EMA.update()``, the same blend the step runs
+    after (torch) or inside (TensorFlow, without its packing) Keras' train
+    step. JAX: the fused step's update, unfused: one jitted, donated
+    `update.update_all` over the packed shadows and weights (``EMA.update()``
+    there copies every shadow first, to keep the variables' own arrays).
+    """
+    import keras_ema
+
+    if keras.backend.backend() != "jax":
+        ema = keras_ema.EMA(update_every=1, update_after_step=0)
+        ema.set_model(model)
+        sync = _device_sync()
+
+        def run() -> None:
+            ema.update()
+            sync()
+
+        return run
+    return _jax_update(model)
+
+
+def _device_sync() -> Callable[[], None]:
+    """Waits for a GPU's queued work; nothing to wait for on a CPU, where
+    TensorFlow and torch run each op before returning."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.synchronize
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if tf.config.list_logical_devices("GPU"):
+            return tf.test.experimental.sync_devices
+    return lambda: None
+
+
+def _jax_update(model: keras.Model) -> Callable[[], None]:
+    import jax
+
+    import keras_ema
+    from keras_ema import update
+    from keras_ema.packing import Packing
+    from keras_ema.state import Kind
+
+    weights = [
+        w for w in model.trainable_weights if keras.backend.is_float_dtype(w.dtype)
+    ]
+    kinds = [Kind.AVERAGE] * len(weights)
+    packing = Packing(weights, kinds, lambda w: w.value.sharding)
+    schedules = [keras_ema.WarmupSchedule(update_after_step=0, update_every=1)]
+
+    def step(counters, shadows, values):
+        counters, shadows, _ = update.update_all(
+            schedules,
+            packing.kinds,
+            counters,
+            [shadows],
+            lambda: packing.pack(values),
+            xla=True,
+        )
+        return list(counters), shadows[0]
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    values = [w.value for w in weights]
+    counters = [jax.numpy.zeros((), "int32"), jax.numpy.zeros((), "int32")]
+    buffers = [counters, jax.jit(packing.pack)(values)]
+
+    def run() -> None:
+        buffers[:] = step(*buffers, values)
+        jax.block_until_ready(buffers)
+
+    return run
+
+
+def measure_floor(
+    elements: int, jit_compile: bool, model: keras.Model | None = None
+) -> tuple[float, float | None]:
+    """Median ms of ``FLOOR_REPEATS`` lerps (`make_lerp`) and, given a model,
+    of as many EMA updates on it (`make_update`), one of each in turn, after
+    a warm-up."""
     gc.collect()
-    run = make_lerp(elements, jit_compile)
+    runs = [make_lerp(elements, jit_compile)]
+    if model is not None:
+        runs.append(make_update(model))
     for _ in range(FLOOR_WARMUP):
-        run()
-    times = []
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(FLOOR_REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(1000.0 * (time.perf_counter() - start))
-    return statistics.median(times)
+        for run, spent in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            spent.append(1000.0 * (time.perf_counter() - start))
+    medians = [statistics.median(spent) for spent in times]
+    return medians[0], (medians[1] if model is not None else None)
+
+
+def floor_round(shape: Shape, first: dict[str, Any]) -> tuple[float, float | None]:
+    """One round of the floor: the lerp and, without a strategy, the update
+    alone on a fresh model of the shape (`measure_floor`)."""
+    model = build_model(shape, "none") if _strategy is None else None
+    return measure_floor(first["float_elements"], first["jit_compile"], model)
 
 
 def floor_result(
-    lerps: list[float], elements: int, per_step: dict[str, dict[str, float]]
+    floors: list[tuple[float, float | None]],
+    elements: int,
+    per_step: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    """The floor's JSON: the lerp's best median, its bandwidth and, for each
-    per-step metric given, ``(keras_ema - none) / lerp``.
+    """The floor's JSON: the lerp's best median, its bandwidth, the update
+    alone's best median and its ratio to the lerp, and, for each per-step
+    metric given, ``(keras_ema - none) / lerp``.
 
     The bandwidth counts 12 bytes an element: two arrays read, one written.
     """
+    lerps = [lerp for lerp, _ in floors]
+    updates = [update for _, update in floors if update is not None]
     lerp_ms = min(lerps)
     result: dict[str, Any] = {
         "elements": elements,
@@ -961,6 +1070,10 @@ def floor_result(
         "lerp_ms_all": lerps,
         "lerp_gb_per_s": 12 * elements / lerp_ms / 1e6,
     }
+    if updates:
+        result["update_ms"] = min(updates)
+        result["update_ms_all"] = updates
+        result["update_over_lerp"] = min(updates) / lerp_ms
     for name, best in per_step.items():
         if "keras_ema" in best and "none" in best:
             added = best["keras_ema"] - best["none"]
@@ -981,6 +1094,11 @@ def print_floor(floor: dict[str, Any]) -> None:
         f"{FLOOR_REPEATS}, best of {len(floor['lerp_ms_all'])} rounds)"
         + (f"; {', '.join(ratios)}" if ratios else "")
     )
+    if "update_ms" in floor:
+        print(
+            f"  the update alone: {floor['update_ms']:.4f} ms, "
+            f"{floor['update_over_lerp']:.3f} lerps"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -1181,7 +1299,7 @@ def run_shape_cold(
         k: {m: [] for m in modes} for k in COLD_METRICS
     }
     fastest: dict[str, dict[str, Any]] = {}
-    lerps: list[float] = []
+    floors: list[tuple[float, float | None]] = []
     for _ in range(repeats):
         for mode in modes:
             info = measure_cold(shape, mode, epochs, steps, compiles)
@@ -1191,7 +1309,7 @@ def run_shape_cold(
                 fastest[mode] = info
         first = fastest[modes[0]]
         if floor or first["params"] > FLOOR_PARAMS:
-            lerps.append(measure_floor(first["float_elements"], first["jit_compile"]))
+            floors.append(floor_round(shape, first))
     result: dict[str, Any] = {
         "backend": keras.backend.backend(),
         "shape": shape.name,
@@ -1208,9 +1326,9 @@ def run_shape_cold(
     result["fit_ratios"] = _mode_ratios(result["fit_ms"])
     result["steady_ratios"] = _mode_ratios(result["steady_ms_per_step"])
     result["fit_ms_all"] = runs["fit_ms"]
-    if lerps:
+    if floors:
         result["floor"] = floor_result(
-            lerps, first["float_elements"], {"steady": result["steady_ms_per_step"]}
+            floors, first["float_elements"], {"steady": result["steady_ms_per_step"]}
         )
     if keras.backend.backend() == "jax":
         result["compile_ms"] = {m: compile_ms(fastest[m]["compiles"]) for m in modes}

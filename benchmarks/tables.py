@@ -194,6 +194,9 @@ def floor(results: dict[str, dict]) -> str:
         if not f:
             continue
         ms = r["ms_per_step"]
+        alone = "-"
+        if "update_ms" in f:
+            alone = f"{f['update_ms']:.3f} ({f['update_over_lerp']:.2f})"
         rows.append(
             [
                 shape,
@@ -203,10 +206,12 @@ def floor(results: dict[str, dict]) -> str:
                 f"{ms['keras_ema'] - ms['none']:.3f}",
                 f"{f['ms_per_step_ema_over_lerp']:.2f} "
                 f"({f['steady_ema_over_lerp']:.2f})",
+                alone,
             ]
         )
     header = ["shape", "float elements", "lerp ms", "lerp GB/s"]
     header += ["keras_ema - none, ms/step", "(keras_ema - none) / lerp"]
+    header += ["update alone ms (/ lerp)"]
     return table(header, rows)
 
 
@@ -278,22 +283,36 @@ def offload(results: dict[str, dict]) -> str:
     return table(header + ["offload / none", "offload every 10 / none"], rows)
 
 
+COMPARED_MODES = {
+    "keras_ema": "keras_ema",
+    "keras_ema_every10": "every10",
+    "keras_ema_noguard": "without guard",
+}
+
+
 def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """Before and after, for each mode of `COMPARED_MODES` that both runs
+    measured."""
+    pairs = [(b, after[shape]) for shape, b in before.items() if shape in after]
+    modes = [
+        mode
+        for mode in COMPARED_MODES
+        if all(mode in r["ms_per_step"] for pair in pairs for r in pair)
+    ]
     rows = []
-    for shape, a in after.items():
-        b = before.get(shape)
-        if b is None:
-            continue
-        row = [shape]
-        for mode in ("keras_ema", "keras_ema_every10"):
+    for b, a in pairs:
+        row = [a["shape"]]
+        for mode in modes:
             row.append(f"{b['ms_per_step'][mode]:.3f} / {a['ms_per_step'][mode]:.3f}")
             row.append(
                 f"{warm_ratio(b, mode, 'builtin')} / {warm_ratio(a, mode, 'builtin')}"
             )
         rows.append(row)
-    header = ["shape", "keras_ema ms/step, before / after"]
-    header += ["keras_ema / builtin, before / after"]
-    header += ["every10 ms/step, before / after", "every10 / builtin, before / after"]
+    header = ["shape"]
+    for mode in modes:
+        name = COMPARED_MODES[mode]
+        header += [f"{name} ms/step, before / after"]
+        header += [f"{name} / builtin, before / after"]
     return table(header, rows)
 
 
