@@ -923,20 +923,18 @@ def make_lerp(elements: int, jit_compile: bool) -> Callable[[], None]:
         def lerp() -> None:
             variable.assign_add(weight * (b - variable))
 
-        gpu = bool(tf.config.list_logical_devices("GPU"))
+        sync = _device_sync()
 
         def run() -> None:
             lerp()
-            if gpu:
-                tf.test.experimental.sync_devices()
+            sync()
 
         return run
-    import torch
+    sync = _device_sync()
 
     def run() -> None:
         a.lerp_(b, FLOOR_WEIGHT)
-        if a.is_cuda:
-            torch.cuda.synchronize()
+        sync()
 
     return run
 
@@ -967,8 +965,9 @@ def make_update(model: keras.Model) -> Callable[[], None]:
 
 
 def _device_sync() -> Callable[[], None]:
-    """Waits for a GPU's queued work; nothing to wait for on a CPU, where
-    TensorFlow and torch run each op before returning."""
+    """Waits for a GPU's queued work (Keras puts the tensors on it when there
+    is one); nothing to wait for on a CPU, where TensorFlow and torch run
+    each op before returning."""
     if keras.backend.backend() == "torch":
         import torch
 
