@@ -334,7 +334,7 @@ def guard_removed(mode: str):
             mock.patch.object(
                 update,
                 "all_finite",
-                lambda values, xla=False: keras.ops.convert_to_tensor(True),
+                lambda values, guard=None: keras.ops.convert_to_tensor(True),
             )
         )
         if keras.backend.backend() == "torch":
@@ -350,7 +350,7 @@ def guard_removed(mode: str):
                 )
             )
             stack.enter_context(
-                mock.patch.object(engine, "all_finite", lambda values: True)
+                mock.patch.object(engine, "finite_on_host", lambda values: True)
             )
         yield
 
@@ -986,6 +986,7 @@ def _jax_update(model: keras.Model) -> Callable[[], None]:
 
     import keras_ema
     from keras_ema import update
+    from keras_ema.backends.jax import xla_guard
     from keras_ema.packing import Packing
     from keras_ema.state import Kind
 
@@ -1003,7 +1004,7 @@ def _jax_update(model: keras.Model) -> Callable[[], None]:
             counters,
             [shadows],
             lambda: packing.pack(values),
-            xla=True,
+            guard=xla_guard(weights),
         )
         return list(counters), shadows[0]
 

@@ -13,6 +13,7 @@ No function branches in Python on a tensor's value.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -72,7 +73,29 @@ def every_step_due(schedules: Sequence[Schedule]) -> bool:
     return all(schedule.update_every == 1 for schedule in schedules)
 
 
-def all_finite(values, xla: bool = False):
+class Guard(enum.Enum):
+    """The form of the NaN/Inf guard's reductions (`all_finite`): the same
+    answer from each, each the fastest where it is named for."""
+
+    # Each op its own pass over memory (no XLA): a matrix with a last axis of
+    # some length is multiplied by a zero vector, one vectorised (and, on
+    # CPU, multithreaded) pass, where `all(isfinite(x))` first writes a
+    # boolean array and then reduces it.
+    EAGER = "eager"
+    # Inside an XLA computation: `sum(x * 0)`, which XLA fuses into one pass
+    # and which needs no branch (XLA on CPU compiles each matrix-vector
+    # product into a loop nest of its own, which lengthens every compile).
+    XLA = "xla"
+    # Inside an XLA computation on a CPU: the large values are summed as
+    # they are, the one reduction XLA on CPU vectorises, and checked as
+    # with `XLA` only where a sum is not finite. The branch costs nothing to
+    # run on a CPU (on a GPU it would wait for the device to read its
+    # predicate), but some compile time, which the small values, read
+    # faster than a branch is compiled, do not repay.
+    XLA_CPU = "xla_cpu"
+
+
+def all_finite(values, guard: Guard = Guard.EAGER):
     """Whether every element of every value is finite, as one device scalar.
 
     Small values of one dtype are concatenated, in order, into groups of up
@@ -80,14 +103,26 @@ def all_finite(values, xla: bool = False):
     start before this flag is known, and on XLA a reduction per small weight
     costs more than the EMA itself on a model of many small weights. Large
     values are checked alone: concatenating them would copy them, and under
-    a `keras.distribution` would gather their shards. `xla`: whether the
-    check runs inside an XLA computation (`is_finite`).
+    a `keras.distribution` would gather their shards. `guard`: the form of
+    the reductions.
     """
-    checks, groups, open_group = [], [], {}
+    alone, grouped = _grouped_for_check(values)
+    xla = guard != Guard.EAGER
+    if guard == Guard.XLA_CPU and alone:
+        checks = [_sums_then_elements_finite(alone)]
+    else:
+        checks = [is_finite(value, xla) for value in alone]
+    checks += [is_finite(value, xla) for value in grouped]
+    return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
+
+
+def _grouped_for_check(values) -> tuple[list, list]:
+    """The values over `GROUP_ELEMENTS` elements, and the others grouped."""
+    alone, groups, open_group = [], [], {}
     for value in values:
         size = math.prod(value.shape)
         if size > GROUP_ELEMENTS:
-            checks.append(is_finite(value, xla))
+            alone.append(value)
             continue
         dtype = keras.backend.standardize_dtype(value.dtype)
         group = open_group.get(dtype)
@@ -96,10 +131,22 @@ def all_finite(values, xla: bool = False):
             groups.append(group[1])
         group[0] += size
         group[1].append(ops.reshape(value, (-1,)))
-    for group in groups:
-        flat = group[0] if len(group) == 1 else ops.concatenate(group)
-        checks.append(is_finite(flat, xla))
-    return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
+    grouped = [
+        group[0] if len(group) == 1 else ops.concatenate(group) for group in groups
+    ]
+    return alone, grouped
+
+
+def _sums_then_elements_finite(values):
+    """An Inf or NaN anywhere makes a sum Inf or NaN, so finite sums decide;
+    a sum that is not finite may also be an overflow of huge finite values,
+    and only then is every element checked."""
+    sums = [ops.isfinite(ops.sum(value)) for value in values]
+    return ops.cond(
+        ops.all(ops.stack(sums)),
+        lambda: ops.convert_to_tensor(True),
+        lambda: ops.all(ops.stack([is_finite(value, True) for value in values])),
+    )
 
 
 def is_finite(value, xla: bool = False):
@@ -108,12 +155,8 @@ def is_finite(value, xla: bool = False):
     `0 * x` is 0 for a finite `x` and NaN for NaN or Inf, so a sum of such
     products is finite exactly when every element is, and it never
     overflows. Inside an XLA computation (`xla`), the products and their sum
-    fuse into one pass over the value. Elsewhere each op is a pass of its
-    own, and a matrix with a last axis of some length is multiplied by a
-    zero vector instead: one vectorised (and, on CPU, multithreaded) pass,
-    where `all(isfinite(x))` first writes a boolean array and then reduces
-    it. (XLA on CPU compiles each matrix-vector product into a loop nest of
-    its own, which makes every first `fit` compile for longer.)
+    fuse into one pass over the value (`Guard.XLA`); elsewhere a matrix is
+    multiplied by a zero vector (`Guard.EAGER`).
     """
     if xla and math.prod(value.shape) > 0:
         # A zero made from the data, not a constant a compiler could fold
@@ -188,7 +231,7 @@ def update_all(
     read_values: Callable[[], list],
     stepped=None,
     blend: Blend = blend_elementwise,
-    xla: bool = False,
+    guard: Guard = Guard.EAGER,
 ):
     """One step of every profile, the weights read (and checked) every step.
 
@@ -205,8 +248,8 @@ def update_all(
             move the weights this step (nothing happens then, the counter
             included); `None` when every step moves them.
         blend: `blend_elementwise` or `blend_by_branches`.
-        xla: Whether the update runs inside an XLA computation, which
-            chooses the form of the NaN/Inf guard (`is_finite`).
+        guard: The form of the NaN/Inf guard's reductions, for where the
+            update runs (`Guard`).
 
     Returns:
         `((step, skipped), shadows, decays)`: the new counters, the new
@@ -216,7 +259,7 @@ def update_all(
     t = advance(step, stepped)
     flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
     new_shadows, skipped = _blend_profiles(
-        kinds, shadows, read_values(), flags, skipped, blend, xla
+        kinds, shadows, read_values(), flags, skipped, blend, guard
     )
     return (t, skipped), new_shadows, _decays(flags)
 
@@ -229,7 +272,7 @@ def update_when_due(
     read_values: Callable[[], list],
     stepped=None,
     blend: Blend = blend_elementwise,
-    xla: bool = False,
+    guard: Guard = Guard.EAGER,
 ):
     """`update_all` inside a `cond` on any profile being due: a step that
     updates no profile reads no weight and writes no shadow."""
@@ -239,7 +282,7 @@ def update_when_due(
 
     def due():
         values = read_values()
-        return _blend_profiles(kinds, shadows, values, flags, skipped, blend, xla)
+        return _blend_profiles(kinds, shadows, values, flags, skipped, blend, guard)
 
     def not_due():
         return [list(s) for s in shadows], skipped
@@ -248,8 +291,8 @@ def update_when_due(
     return (t, skipped), new_shadows, _decays(flags)
 
 
-def _blend_profiles(kinds, shadows, values, flags, skipped, blend, xla):
-    finite = all_finite(values, xla)
+def _blend_profiles(kinds, shadows, values, flags, skipped, blend, guard):
+    finite = all_finite(values, guard)
     new = [
         blend(kinds, profile_shadows, values, profile_flags_, finite)
         for profile_shadows, profile_flags_ in zip(shadows, flags, strict=True)

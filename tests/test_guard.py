@@ -12,17 +12,18 @@ from hypothesis import strategies as st
 from keras import ops
 
 from keras_ema.sizes import GROUP_ELEMENTS as CHUNK
+from keras_ema.update import Guard
 from keras_ema.update import all_finite as _all_finite
 
 # Shapes that reach every path of the guard: 1-D and narrow values, grouped
-# small ones, and values over `CHUNK` elements checked alone (matrix-vector).
+# small ones, and values over `CHUNK` elements checked alone.
 SHAPES = [(10,), (200, 4), (64, 64), (3, 5, 64), (CHUNK + 8,), (300, 128)]
 
 
-# How the guard runs: eagerly; in the XLA computation its XLA form is written
-# for (eagerly on torch, which has none); and, on torch, the engine's own
-# host-side check of the in-place path (CPU, large models).
-FORMS = ["eager", "xla"]
+# How the guard runs: each `Guard` form, the XLA ones in the XLA computation
+# they are written for (eagerly on torch, which has none); and, on torch, the
+# engine's own host-side check of the in-place path (CPU, large models).
+FORMS = [guard.value for guard in Guard]
 if keras.backend.backend() == "torch":
     FORMS.append("torch host")
 
@@ -30,16 +31,16 @@ if keras.backend.backend() == "torch":
 def guard(values, dtype, form="eager") -> bool:
     tensors = [ops.cast(ops.convert_to_tensor(v), dtype) for v in values]
     if form == "torch host":
-        from keras_ema.backends.torch import all_finite
+        from keras_ema.backends.torch import finite_on_host
 
-        return all_finite(tensors)
-    xla = form == "xla"
-    check = lambda tensors: _all_finite(tensors, xla)  # noqa: E731
-    if xla and keras.backend.backend() == "jax":
+        return finite_on_host(tensors)
+    kind = Guard(form)
+    check = lambda tensors: _all_finite(tensors, kind)  # noqa: E731
+    if kind != Guard.EAGER and keras.backend.backend() == "jax":
         import jax
 
         check = jax.jit(check)
-    elif xla and keras.backend.backend() == "tensorflow":
+    elif kind != Guard.EAGER and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         check = tf.function(check, jit_compile=True)
@@ -69,9 +70,11 @@ def test_one_non_finite_element_anywhere_is_found(
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype, scale", [("float32", 1e37), ("float16", 1e4)])
 def test_huge_finite_values_are_finite(dtype, scale, form):
-    # Summing them would overflow to Inf; the guard must not.
+    # Summing them overflows to Inf; the guard must not take that for one.
     values = [np.full(shape, scale, dtype="float32") for shape in SHAPES]
     assert guard(values, dtype, form)
+    values[-1][-1, -1] = np.nan
+    assert not guard(values, dtype, form)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -88,3 +91,11 @@ def test_float64_non_finite_is_found(form, bad):
     assert guard(values, "float64", form)
     values[0][-1, -1] = bad
     assert not guard(values, "float64", form)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="the JAX engine's choice")
+def test_jax_engine_sums_first_on_a_cpu():
+    from keras_ema.backends.jax import xla_guard
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    assert xla_guard(model.weights) == Guard.XLA_CPU

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -341,6 +343,44 @@ def test_one_nan_weight_among_many_skips_the_whole_update_in_fit(offload):
     assert ema.skipped_updates == 6
     assert history.history["ema_skipped"][-1] == 6
     assert_bit_equal(before, ema_values(ema))
+
+
+@pytest.mark.parametrize("poison, skipped", [(np.nan, 6), (1e37, 0)])
+def test_guard_on_a_large_weight_in_fit(offload, poison, skipped):
+    # A moving variance of over 2**15 elements is checked alone; the loss
+    # and trainable weights stay finite in training whatever it holds. Huge
+    # finite values overflow a sum of them and must not count as NaN.
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(33_000, name="wide"),
+            keras.layers.BatchNormalization(name="bn"),
+            # A mean, not a Dense(1) over 33,000 inputs, which SGD diverges on.
+            keras.layers.Reshape((33_000, 1)),
+            keras.layers.GlobalAveragePooling1D(),
+        ],
+        name="large",
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    ema = keras_ema.EMA(
+        beta=0.9, update_after_step=0, update_every=1, offload_to_host=offload
+    )
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    before = ema_values(ema)
+    variance = next(w for w in model.weights if w.path == "large/bn/moving_variance")
+    variance.assign(np.full(variance.shape, poison, "float32"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    assert ema.skipped_updates == skipped
+    warned = any("NaN or infinite" in str(w.message) for w in caught)
+    assert warned == bool(skipped)
+    after = ema_values(ema)
+    if skipped:
+        assert_bit_equal(before, after)
+    else:
+        assert (after["large/bn/moving_variance"] > 1e35).all()
 
 
 def test_float64_and_float32_weights_in_one_model_match_article(offload):

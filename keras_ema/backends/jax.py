@@ -135,6 +135,15 @@ def orbax_target(variable):
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
 
 
+def xla_guard(weights) -> update.Guard:
+    """The NaN/Inf guard's form for an update XLA compiles beside `weights`:
+    `Guard.XLA_CPU` where they all live on CPUs."""
+    on_cpu = all(
+        device.platform == "cpu" for w in weights for device in w.value.devices()
+    )
+    return update.Guard.XLA_CPU if on_cpu else update.Guard.XLA
+
+
 def _spans_devices(sharding) -> bool:
     return sharding is not None and len(sharding.device_set) > 1
 
@@ -347,6 +356,7 @@ class Engine(base.Engine):
         keras_train_step = model.train_step
         skip_on_host = not update.every_step_due(schedules) and not may_skip
         jitted = not model.run_eagerly and model.jit_compile
+        guard = xla_guard(state.weights) if jitted else update.Guard.EAGER
         run_update = update.update_when_due if base.gated(state) else update.update_all
         if skip_on_host:
             run_update = update.update_all
@@ -368,7 +378,7 @@ class Engine(base.Engine):
                     as_stored(locate(keras_state), packing.shadow_dtypes)
                 ),
                 stepped,
-                xla=jitted,
+                guard=guard,
             )
             logs = base.ema_logs(logs, state, decays, counters[1])
             return logs, keras_state, (list(counters), shadows)
@@ -420,6 +430,7 @@ class Engine(base.Engine):
         self.flush()
         self.reload()
         if self._eager_update is None:
+            guard = xla_guard(state.weights)
 
             def pure(counters, shadows, weights):
                 counters, shadows, _ = update.update_when_due(
@@ -428,7 +439,7 @@ class Engine(base.Engine):
                     counters,
                     shadows,
                     lambda: weights,
-                    xla=True,
+                    guard=guard,
                 )
                 return list(counters), shadows
 

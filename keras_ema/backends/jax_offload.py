@@ -43,7 +43,12 @@ class HostPlacement(base.Placement):
 
 def _host_update(schedules, kinds, step, skipped, shadows, weights):
     (_, skipped), shadows, _ = update.update_all(
-        schedules, kinds, (step, skipped), shadows, lambda: weights, xla=True
+        schedules,
+        kinds,
+        (step, skipped),
+        shadows,
+        lambda: weights,
+        guard=update.Guard.XLA_CPU,
     )
     return shadows, skipped
 

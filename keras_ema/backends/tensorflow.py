@@ -230,7 +230,7 @@ def assign_update(
         read_values,
         stepped,
         blend or update.blend_elementwise,
-        xla,
+        update.Guard.XLA if xla else update.Guard.EAGER,
     )
     variables = [*state.counters, *(v for profile in targets for v in profile)]
     values = [*counters, *(v for profile in shadows for v in profile)]

@@ -76,19 +76,20 @@ class Placement(base.Placement):
         return fresh_copy(weight.value, dtype)
 
 
-def all_finite(values) -> bool:
-    """Whether every element of every value is finite, read on the host.
+def finite_on_host(values) -> bool:
+    """Whether every element of every value is finite, read on the host (for
+    a CPU's tensors, where reading costs no device sync).
 
-    `aminmax` reads a value once and writes nothing, and both extremes are
-    finite exactly when every element is (NaN propagates through both),
-    where a matrix-vector product with zeros reads it at half the speed on
-    the CPU. Reading the flags costs no device sync there.
+    An Inf or NaN anywhere makes a sum Inf or NaN, so a finite sum decides;
+    a sum is the fastest reduction here, faster than `aminmax` or a
+    matrix-vector product with zeros, and `isfinite(x).all()` first writes a
+    boolean array. A sum that is not finite may also be an overflow of huge
+    finite values: only then are the elements checked one by one.
     """
     for value in values:
-        if value.numel() == 0:
+        if bool(torch.isfinite(value.sum())):
             continue
-        low, high = torch.aminmax(value)
-        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        if not bool(torch.isfinite(value).all()):
             return False
     return True
 
@@ -253,7 +254,7 @@ class Engine(base.Engine):
 
     def _blend_in_place(self, weights_per_profile) -> None:
         with torch.no_grad():
-            if not all_finite(w.value for w in self.state.weights):
+            if not finite_on_host(w.value for w in self.state.weights):
                 self.state.skipped.value.add_(1)
                 return
             for profile, kind_weights in enumerate(weights_per_profile):
