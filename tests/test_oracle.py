@@ -323,15 +323,22 @@ def test_many_small_weights_with_filters_match_article(offload, jit_compile):
     assert ema_values(ema)["many/out/kernel"].dtype == np.float32
 
 
-def test_one_nan_weight_among_many_skips_the_whole_update_in_fit(offload):
-    # A NaN moving variance leaves the loss and the trainable weights finite
-    # in training (batch statistics are used), so only the guard can see it.
-    model = many_small_weights_model()
+def ema_after_one_epoch(model, offload):
+    """An EMA of every step, after one epoch of `model` on 48 samples, and
+    those samples."""
     ema = keras_ema.EMA(
         beta=0.9, update_after_step=0, update_every=1, offload_to_host=offload
     )
     x, y = make_data(48)
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    return ema, (x, y)
+
+
+def test_one_nan_weight_among_many_skips_the_whole_update_in_fit(offload):
+    # A NaN moving variance leaves the loss and the trainable weights finite
+    # in training (batch statistics are used), so only the guard can see it.
+    model = many_small_weights_model()
+    ema, (x, y) = ema_after_one_epoch(model, offload)
     before = ema_values(ema)
     variance = next(w for w in model.weights if w.path == "many/bn/moving_variance")
     poisoned = np.array(ops.convert_to_numpy(variance.value))
@@ -362,11 +369,7 @@ def test_guard_on_a_large_weight_in_fit(offload, poison, skipped):
         name="large",
     )
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
-    ema = keras_ema.EMA(
-        beta=0.9, update_after_step=0, update_every=1, offload_to_host=offload
-    )
-    x, y = make_data(48)
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    ema, (x, y) = ema_after_one_epoch(model, offload)
     before = ema_values(ema)
     variance = next(w for w in model.weights if w.path == "large/bn/moving_variance")
     variance.assign(np.full(variance.shape, poison, "float32"))
