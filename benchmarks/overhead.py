@@ -105,8 +105,9 @@ is worth. The EMA's update also reads the weights for its NaN/Inf guard: 16 byte
 element against the lerp's 12, a ratio of 1.33 at the same bandwidth. Without a
 strategy, each round also times the update alone on a fresh model of the shape, one
 update after each lerp, median of as many (``update_ms``, ``update_over_lerp``):
-``EMA.update()`` on TensorFlow and torch, and on JAX the fused step's update jitted
-on its own (`make_update`). The difference of two whole ``fit`` calls cannot resolve a
+``EMA.update()`` on TensorFlow, the engine's step on torch (what a step in ``fit``
+runs after Keras' step), and on JAX the fused step's update jitted on its own
+(`make_update`). The difference of two whole ``fit`` calls cannot resolve a
 few ms in steps of 50-300 ms on a noisy machine; this can.
 
 MirroredStrategy (``--strategy mirrored``, TensorFlow only, warm or cold): the CPU is
@@ -943,25 +944,32 @@ def make_update(model: keras.Model) -> Callable[[], None]:
     """A function running the EMA's update alone on ``model``'s weights, as a
     ``keras_ema`` step does (guard included), and waiting for it.
 
-    torch and TensorFlow: ``EMA.update()``, the same blend the step runs
-    after (torch) or inside (TensorFlow, without its packing) Keras' train
-    step. JAX: the fused step's update, unfused: one jitted, donated
-    `update.update_all` over the packed shadows and weights (``EMA.update()``
-    there copies every shadow first, to keep the variables' own arrays).
+    torch: the engine's ``step()``, which a step in ``fit`` runs after Keras'
+    train step (``EMA.update()`` would add the callback's checks of the
+    model, which ``fit`` does not run per step). TensorFlow:
+    ``EMA.update()``, the same blend the step runs inside Keras' train step
+    (without its packing). JAX: the fused step's update, unfused: one
+    jitted, donated `update.update_all` over the packed shadows and weights
+    (``EMA.update()`` there copies every shadow first, to keep the
+    variables' own arrays).
     """
     import keras_ema
 
-    if keras.backend.backend() != "jax":
-        ema = keras_ema.EMA(update_every=1, update_after_step=0)
-        ema.set_model(model)
-        sync = _device_sync()
+    if keras.backend.backend() == "jax":
+        return _jax_update(model)
+    ema = keras_ema.EMA(update_every=1, update_after_step=0)
+    ema.set_model(model)
+    ema.update()  # builds the shadows and the engine
+    update = ema.update
+    if keras.backend.backend() == "torch":
+        update = ema._engine.step
+    sync = _device_sync()
 
-        def run() -> None:
-            ema.update()
-            sync()
+    def run() -> None:
+        update()
+        sync()
 
-        return run
-    return _jax_update(model)
+    return run
 
 
 def _device_sync() -> Callable[[], None]:

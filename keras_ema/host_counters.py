@@ -106,11 +106,6 @@ class HostCounters:
     def read(self, step_variable) -> None:
         self.step = int(ops.convert_to_numpy(step_variable.value))
 
-    def next_step_is_due(self) -> bool:
-        """Whether the step about to be taken updates any profile."""
-        t = self.step + 1
-        return any(schedule.is_due(t) for schedule in self.schedules)
-
     def advance(self, stepped: bool = True) -> list[HostFlags] | None:
         """Counts a step; returns each profile's flags if it updates any."""
         if not stepped:

@@ -325,21 +325,35 @@ def test_second_fit_reuses_the_fused_train_function_until_recompile():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="JAX compile cache.")
-def test_jax_compiles_the_fused_step_once_for_many_fits(caplog):
+@pytest.mark.parametrize(
+    "update_every, expected",
+    [
+        (1, {"fused_step": 1}),
+        # Due only every few steps: Keras' own step at every step and the
+        # update alone after a due one, never Keras' step a second time
+        # fused with the update.
+        (3, {"train_step": 1, "due_update": 1}),
+    ],
+)
+def test_jax_compiles_each_step_function_once_for_many_fits(
+    caplog, update_every, expected
+):
     import jax
 
     model = make_model()
-    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=update_every)
     x, y = make_data(32)
     with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
         for _ in range(3):
             model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[ema])
-    compiles = [
-        r
-        for r in caplog.records
-        if r.getMessage().startswith("Compiling jit(fused_step)")
-    ]
-    assert len(compiles) == 1, [r.getMessage()[:200] for r in compiles]
+    compiled = {}
+    for record in caplog.records:
+        message = record.getMessage()
+        for name in ("fused_step", "train_step", "due_update"):
+            if message.startswith(f"Compiling jit({name})"):
+                compiled[name] = compiled.get(name, 0) + 1
+    assert compiled == expected
+    assert ema.step == 24
 
 
 def dropout_model() -> keras.Model:

@@ -189,12 +189,15 @@ def test_jax_distributed_ema_equals_single_device(make_distribution):
 
 
 @jax_only
-def test_jax_model_parallel_update_runs_sharded():
+@pytest.mark.parametrize("update_every", [1, 2])
+def test_jax_model_parallel_update_runs_sharded(update_every):
+    # update_every=2: Keras' own step, then the update jitted alone on due
+    # steps; each must keep the shadows laid out like their weights.
     distribution = model_parallel()
     x, y = make_data(64)
     with distribution.scope():
         model = make_model()
-        ema = keras_ema.EMA(**HP)
+        ema = keras_ema.EMA(**{**HP, "update_every": update_every})
         ema.set_model(model)
         weight_shardings = [w.value.sharding for w in ema._state.weights]
         probe = RecordLiveShardings(ema)

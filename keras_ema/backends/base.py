@@ -83,7 +83,7 @@ class Placement:
 class Engine:
     """Runs the updates of one `ShadowState`; see the module docstring."""
 
-    # Whether the fused train function may serve the next `fit` too. Tracing
+    # Whether the EMA's train function may serve the next `fit` too. Tracing
     # (TF) or compiling (JAX) it again would cost every `fit` call far more
     # than the EMA itself; Keras keeps its own train function across fits.
     reusable = True
@@ -92,25 +92,25 @@ class Engine:
         self.state = state
         self.model = state.model
         self._keras_train_function = None
-        self._fused_train_function = None
+        self._ema_train_function = None
 
     # -- around `fit` -------------------------------------------------------
 
     def install(self) -> None:
         current = self.model.train_function
-        if current is self._fused_train_function and current is not None:
+        if current is self._ema_train_function and current is not None:
             return
-        # `compile` resets the train function: then the fused one is stale.
+        # `compile` resets the train function: then the EMA's is stale.
         stale = current is not self._keras_train_function
-        if stale or self._fused_train_function is None or not self.reusable:
+        if stale or self._ema_train_function is None or not self.reusable:
             self._keras_train_function = current
-            self._fused_train_function = self.build_train_function()
-        self.model.train_function = self._fused_train_function
+            self._ema_train_function = self.build_train_function()
+        self.model.train_function = self._ema_train_function
 
     def uninstall(self) -> None:
         if (
-            self._fused_train_function is not None
-            and self.model.train_function is self._fused_train_function
+            self._ema_train_function is not None
+            and self.model.train_function is self._ema_train_function
         ):
             self.model.train_function = self._keras_train_function
         self.flush()

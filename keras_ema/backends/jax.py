@@ -4,7 +4,9 @@ Keras' JAX train step is a pure function of an explicit state that its loop
 donates. `Engine` installs a train function that runs one `jax.jit` of
 (Keras' `train_step`, then the update of every profile) on Keras' state and
 the EMA's own arrays, both donated, so that no shadow ever aliases a model
-buffer and nothing is synced per step. `HostEngine` keeps the shadows in
+buffer and nothing is synced per step; where the update is due only every
+few steps, Keras' own jitted step runs, and a jitted update after it on due
+steps. `HostEngine` keeps the shadows in
 host memory: Keras' own jitted step runs, and on due steps the weights are
 copied to the CPU, where a jitted update runs; both are dispatched
 asynchronously.
@@ -252,9 +254,10 @@ class Engine(base.Engine):
 
     With every profile updating only every few steps (and an optimizer that
     moves the weights at every step), whether a step is due is known on the
-    host: the other steps run Keras' own train step, with no EMA op at all.
-    They are counted in `pending` and added to the step counter by the next
-    due step (or a flush).
+    host: every step runs Keras' own train step, and a due one then runs the
+    update alone, in a jitted function of its own. The steps in between are
+    counted in `pending` and added to the step counter by the next due step
+    (or a flush).
     """
 
     def __init__(self, state):
@@ -347,6 +350,37 @@ class Engine(base.Engine):
         self._first_step = True
 
     def build_train_function(self):
+        model = self.model
+        jitted = not model.run_eagerly and model.jit_compile
+        guard = xla_guard(self.state.weights) if jitted else update.Guard.EAGER
+        keras_shardings = None
+        if jitted:
+            keras_shardings = _internals.jax_train_out_shardings(model)
+        ema_shardings = None
+        if keras_shardings is not None:
+            ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
+        every_step = update.every_step_due(self.state.schedules)
+        if every_step or optimizer_may_skip(model.optimizer):
+            fused_step = self._fused_step(guard)
+            if jitted:
+                out_shardings = keras_shardings
+                if out_shardings is not None:
+                    out_shardings = (*out_shardings, ema_shardings)
+                fused_step = jax.jit(
+                    fused_step, donate_argnums=(0, 1), out_shardings=out_shardings
+                )
+            return self._every_step_train_function(fused_step)
+        due_update = self._due_update(guard)
+        if jitted:
+            due_update = jax.jit(
+                due_update, donate_argnums=0, out_shardings=ema_shardings
+            )
+        return self._due_steps_train_function(due_update)
+
+    def _fused_step(self, guard):
+        """Keras' train step and the update of every profile, as one pure
+        function of Keras' state, the EMA's arrays, a batch, and the steps
+        still to add to the EMA's counter."""
         state, model, packing = self.state, self.model, self.packing
         schedules = state.schedules
         iterations, accumulation = optimizer_step_rule(model.optimizer)
@@ -354,12 +388,7 @@ class Engine(base.Engine):
         locate = _internals.jax_state_weights(model, state.weights)
         iterations_of = _internals.jax_state_optimizer_variable(model, iterations)
         keras_train_step = model.train_step
-        skip_on_host = not update.every_step_due(schedules) and not may_skip
-        jitted = not model.run_eagerly and model.jit_compile
-        guard = xla_guard(state.weights) if jitted else update.Guard.EAGER
         run_update = update.update_when_due if base.gated(state) else update.update_all
-        if skip_on_host:
-            run_update = update.update_all
 
         def fused_step(keras_state, ema, data, pending):
             before = iterations_of(keras_state)
@@ -383,45 +412,80 @@ class Engine(base.Engine):
             logs = base.ema_logs(logs, state, decays, counters[1])
             return logs, keras_state, (list(counters), shadows)
 
-        keras_step = keras_train_step
-        if jitted:
-            keras_shardings = _internals.jax_train_out_shardings(model)
-            out_shardings = keras_shardings
-            if out_shardings is not None:
-                ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
-                out_shardings = (*out_shardings, ema_shardings)
-            fused_step = jax.jit(
-                fused_step, donate_argnums=(0, 1), out_shardings=out_shardings
-            )
-            if skip_on_host:
-                keras_step = jit_keras_train_step(model)
-        steps_per_execution = model.steps_per_execution
+        return fused_step
+
+    def _every_step_train_function(self, fused_step):
+        """Runs the fused step at every step."""
+        steps_per_execution = self.model.steps_per_execution
 
         def train_function(keras_state, iterator):
-            if self._first_step:
-                keras_state = _committed(keras_state)
-                self._first_step = False
+            keras_state = self._committed_at_first_step(keras_state)
             logs = None
             for data in batches(iterator, steps_per_execution):
-                if skip_on_host:
-                    host = self._host_step()
-                    if not host.next_step_is_due():
-                        logs, keras_state = keras_step(keras_state, data)
-                        host.advance()
-                        self._pending += 1
-                        skipped = self.arrays()[0][1]
-                        logs = base.ema_logs(logs, state, host.decays(), skipped)
-                        continue
-                    host.advance()
-                arrays = self.arrays()
-                logs, keras_state, arrays = fused_step(
-                    keras_state, arrays, data, self._pending
+                logs, keras_state, self._arrays = fused_step(
+                    keras_state, self.arrays(), data, self._pending
                 )
                 self._pending = 0
-                self._arrays = arrays
             return logs, keras_state
 
         return train_function
+
+    def _due_update(self, guard):
+        """The update alone, as a pure function of the EMA's arrays, the
+        weights Keras' step has just computed, and the steps still to add to
+        the EMA's counter."""
+        state, packing = self.state, self.packing
+
+        def due_update(ema, weights, pending):
+            (step, skipped), shadows = ema
+            counters, shadows, _ = update.update_all(
+                state.schedules,
+                packing.kinds,
+                (step + pending, skipped),
+                shadows,
+                lambda: packing.pack(weights),
+                guard=guard,
+            )
+            return list(counters), shadows
+
+        return due_update
+
+    def _due_steps_train_function(self, due_update):
+        """Where every profile updates only every few steps, and every step
+        moves the weights: whether a step is due is known on the host. Every
+        step runs Keras' own train step, and a due one then runs the update
+        alone. A `fit` compiles Keras' step and a small update, not Keras'
+        step twice (alone, and fused with the update), which would double
+        the first `fit`'s compile time."""
+        state, model = self.state, self.model
+        locate = _internals.jax_state_weights(model, state.weights)
+        keras_step = jit_keras_train_step(model)
+        steps_per_execution = model.steps_per_execution
+
+        def train_function(keras_state, iterator):
+            keras_state = self._committed_at_first_step(keras_state)
+            logs = None
+            for data in batches(iterator, steps_per_execution):
+                host = self._host_step()
+                logs, keras_state = keras_step(keras_state, data)
+                if host.advance() is None:
+                    self._pending += 1
+                else:
+                    self._arrays = due_update(
+                        self.arrays(), locate(keras_state), self._pending
+                    )
+                    self._pending = 0
+                skipped = self.arrays()[0][1]
+                logs = base.ema_logs(logs, state, host.decays(), skipped)
+            return logs, keras_state
+
+        return train_function
+
+    def _committed_at_first_step(self, keras_state):
+        if self._first_step:
+            self._first_step = False
+            return _committed(keras_state)
+        return keras_state
 
     # -- outside `fit` -------------------------------------------------------
 
