@@ -12,6 +12,7 @@ Usage::
     python benchmarks/tables.py compiles cold-jax.jsonl   # JAX compile times
     python benchmarks/tables.py offload offload-jax.jsonl
     python benchmarks/tables.py compare before-jax.jsonl after-jax.jsonl
+    python benchmarks/tables.py compare cold-before.jsonl cold-after.jsonl
 
 Each cell of a ratio is the whole timed ``fit`` and, in brackets, the steady
 state (from batch 3 on; cold: from the second epoch on). When a file holds
@@ -316,6 +317,36 @@ def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
     return table(header, rows)
 
 
+def compare_cold(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """`compare` for two cold runs: for each mode of `COMPARED_MODES` that
+    both measured, the whole first `fit`, its ratio to the built-in's, and
+    the time spent compiling in it."""
+    pairs = [(b, after[shape]) for shape, b in before.items() if shape in after]
+    modes = [
+        mode
+        for mode in COMPARED_MODES
+        if all(mode in r["fit_ms"] for pair in pairs for r in pair)
+    ]
+    rows = []
+    for b, a in pairs:
+        row = [a["shape"]]
+        for mode in modes:
+            row.append(f"{b['fit_ms'][mode]:,.0f} / {a['fit_ms'][mode]:,.0f}")
+            row.append(
+                f"{b['fit_ms'][mode] / b['fit_ms']['builtin']:.2f} / "
+                f"{a['fit_ms'][mode] / a['fit_ms']['builtin']:.2f}"
+            )
+            row.append(f"{b['compile_ms'][mode]:,.0f} / {a['compile_ms'][mode]:,.0f}")
+        rows.append(row)
+    header = ["shape"]
+    for mode in modes:
+        name = COMPARED_MODES[mode]
+        header += [f"{name} fit ms, before / after"]
+        header += [f"{name} / builtin, before / after"]
+        header += [f"{name} compiles ms, before / after"]
+    return table(header, rows)
+
+
 KINDS = {
     "warm": warm,
     "profiles": profiles,
@@ -335,8 +366,9 @@ def main() -> None:
     parser.add_argument("files", nargs="+", help="JSON-lines files of overhead.py")
     args = parser.parse_args()
     if args.kind == "compare":
-        before, after = args.files
-        print(compare(load(before), load(after)))
+        before, after = (load(path) for path in args.files)
+        cold_runs = all(r.get("cold") for r in before.values())
+        print((compare_cold if cold_runs else compare)(before, after))
     else:
         print(KINDS[args.kind](load(args.files[0])))
 

@@ -15,6 +15,7 @@ keeps the flat buffers in host memory and blends one due step late, after a
 from __future__ import annotations
 
 import itertools
+import math
 
 import keras
 import torch
@@ -87,7 +88,9 @@ def finite_on_host(values) -> bool:
     finite values: only then are the elements checked one by one.
     """
     for value in values:
-        if bool(torch.isfinite(value.sum())):
+        # `item()` and `math.isfinite` cost a microsecond; `torch.isfinite`
+        # on the 0-d sum, an op dispatch of about twenty.
+        if math.isfinite(value.sum().item()):
             continue
         if not bool(torch.isfinite(value).all()):
             return False
@@ -115,6 +118,9 @@ class _Group:
         self.offsets = list(itertools.accumulate(self.sizes, initial=0))
         self.views = [state.weights[i].value.reshape(-1) for i in self.order]
         self.flats = [self._rehome(p.shadows) for p in state.profiles]
+        # Each profile's shadows as flat views, made once: a step that
+        # blends in place reuses them.
+        self.shadow_views = [self._shadow_views(flat) for flat in self.flats]
         self.segments = {}
         for kind in Kind:
             chosen = [j for j, k in enumerate(self.kinds) if k == kind]
@@ -133,8 +139,7 @@ class _Group:
             _internals.torch_variable_storage(shadows[i], view)
         return flat
 
-    def shadow_views(self, profile: int) -> list:
-        flat = self.flats[profile]
+    def _shadow_views(self, flat) -> list:
         return [
             flat[start : start + size]
             for start, size in zip(self.offsets, self.sizes, strict=False)
@@ -254,14 +259,17 @@ class Engine(base.Engine):
 
     def _blend_in_place(self, weights_per_profile) -> None:
         with torch.no_grad():
-            if not finite_on_host(w.value for w in self.state.weights):
+            # The groups' views of the weights: the same tensors as
+            # `weight.value`, without a property lookup per weight.
+            views = (view for group in self.blender.groups for view in group.views)
+            if not finite_on_host(views):
                 self.state.skipped.value.add_(1)
                 return
             for profile, kind_weights in enumerate(weights_per_profile):
                 if kind_weights is None:
                     continue
                 for group in self.blender.groups:
-                    shadows = group.shadow_views(profile)
+                    shadows = group.shadow_views[profile]
                     for kind, shadow, view in zip(
                         group.kinds, shadows, group.views, strict=True
                     ):
