@@ -291,60 +291,62 @@ COMPARED_MODES = {
 }
 
 
-def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
-    """Before and after, for each mode of `COMPARED_MODES` that both runs
-    measured."""
+def _before_after(
+    before: dict[str, dict],
+    after: dict[str, dict],
+    key: str,
+    columns: dict[str, Callable[[dict, str], str]],
+) -> str:
+    """One row per shape both runs measured, and for each mode of
+    `COMPARED_MODES` that both measured (under `key`), one "before / after"
+    cell per column: `columns` maps a column's name to the cell's text for
+    one run and mode."""
     pairs = [(b, after[shape]) for shape, b in before.items() if shape in after]
     modes = [
         mode
         for mode in COMPARED_MODES
-        if all(mode in r["ms_per_step"] for pair in pairs for r in pair)
+        if all(mode in r[key] for pair in pairs for r in pair)
     ]
     rows = []
     for b, a in pairs:
         row = [a["shape"]]
         for mode in modes:
-            row.append(f"{b['ms_per_step'][mode]:.3f} / {a['ms_per_step'][mode]:.3f}")
-            row.append(
-                f"{warm_ratio(b, mode, 'builtin')} / {warm_ratio(a, mode, 'builtin')}"
-            )
+            row += [f"{cell(b, mode)} / {cell(a, mode)}" for cell in columns.values()]
         rows.append(row)
     header = ["shape"]
     for mode in modes:
-        name = COMPARED_MODES[mode]
-        header += [f"{name} ms/step, before / after"]
-        header += [f"{name} / builtin, before / after"]
+        header += [f"{COMPARED_MODES[mode]} {name}, before / after" for name in columns]
     return table(header, rows)
+
+
+def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
+    """Before and after, warm: ms a step and the ratio to the built-in."""
+    return _before_after(
+        before,
+        after,
+        "ms_per_step",
+        {
+            "ms/step": lambda r, mode: f"{r['ms_per_step'][mode]:.3f}",
+            "/ builtin": lambda r, mode: warm_ratio(r, mode, "builtin"),
+        },
+    )
 
 
 def compare_cold(before: dict[str, dict], after: dict[str, dict]) -> str:
-    """`compare` for two cold runs: for each mode of `COMPARED_MODES` that
-    both measured, the whole first `fit`, its ratio to the built-in's, and
-    the time spent compiling in it."""
-    pairs = [(b, after[shape]) for shape, b in before.items() if shape in after]
-    modes = [
-        mode
-        for mode in COMPARED_MODES
-        if all(mode in r["fit_ms"] for pair in pairs for r in pair)
-    ]
-    rows = []
-    for b, a in pairs:
-        row = [a["shape"]]
-        for mode in modes:
-            row.append(f"{b['fit_ms'][mode]:,.0f} / {a['fit_ms'][mode]:,.0f}")
-            row.append(
-                f"{b['fit_ms'][mode] / b['fit_ms']['builtin']:.2f} / "
-                f"{a['fit_ms'][mode] / a['fit_ms']['builtin']:.2f}"
-            )
-            row.append(f"{b['compile_ms'][mode]:,.0f} / {a['compile_ms'][mode]:,.0f}")
-        rows.append(row)
-    header = ["shape"]
-    for mode in modes:
-        name = COMPARED_MODES[mode]
-        header += [f"{name} fit ms, before / after"]
-        header += [f"{name} / builtin, before / after"]
-        header += [f"{name} compiles ms, before / after"]
-    return table(header, rows)
+    """Before and after, cold: the whole first `fit`, its ratio to the
+    built-in's, and the time spent compiling in it."""
+    return _before_after(
+        before,
+        after,
+        "fit_ms",
+        {
+            "fit ms": lambda r, mode: f"{r['fit_ms'][mode]:,.0f}",
+            "/ builtin": lambda r, mode: (
+                f"{r['fit_ms'][mode] / r['fit_ms']['builtin']:.2f}"
+            ),
+            "compiles ms": lambda r, mode: f"{r['compile_ms'][mode]:,.0f}",
+        },
+    )
 
 
 KINDS = {
