@@ -5,11 +5,10 @@ donates. `Engine` installs a train function that runs one `jax.jit` of
 (Keras' `train_step`, then the update of every profile) on Keras' state and
 the EMA's own arrays, both donated, so that no shadow ever aliases a model
 buffer and nothing is synced per step; where the update is due only every
-few steps, Keras' own jitted step runs, and a jitted update after it on due
-steps. `HostEngine` keeps the shadows in
-host memory: Keras' own jitted step runs, and on due steps the weights are
-copied to the CPU, where a jitted update runs; both are dispatched
-asynchronously.
+few steps, Keras' own jitted step runs at every step, and a jitted update
+after it on due steps. `HostEngine` keeps the shadows in host memory: Keras'
+own jitted step runs, and on due steps the weights are copied to the CPU,
+where a jitted update runs; both are dispatched asynchronously.
 """
 
 from __future__ import annotations
