@@ -107,12 +107,11 @@ def all_finite(values, guard: Guard = Guard.EAGER):
     the reductions.
     """
     alone, grouped = _grouped_for_check(values)
-    xla = guard != Guard.EAGER
     if guard == Guard.XLA_CPU and alone:
         checks = [_sums_then_elements_finite(alone)]
     else:
-        checks = [is_finite(value, xla) for value in alone]
-    checks += [is_finite(value, xla) for value in grouped]
+        checks = [is_finite(value, guard) for value in alone]
+    checks += [is_finite(value, guard) for value in grouped]
     return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
 
 
@@ -145,20 +144,20 @@ def _sums_then_elements_finite(values):
     return ops.cond(
         ops.all(ops.stack(sums)),
         lambda: ops.convert_to_tensor(True),
-        lambda: ops.all(ops.stack([is_finite(value, True) for value in values])),
+        lambda: ops.all(ops.stack([is_finite(value, Guard.XLA) for value in values])),
     )
 
 
-def is_finite(value, xla: bool = False):
+def is_finite(value, guard: Guard = Guard.EAGER):
     """Whether every element of one value is finite, as a device scalar.
 
     `0 * x` is 0 for a finite `x` and NaN for NaN or Inf, so a sum of such
     products is finite exactly when every element is, and it never
-    overflows. Inside an XLA computation (`xla`), the products and their sum
-    fuse into one pass over the value (`Guard.XLA`); elsewhere a matrix is
-    multiplied by a zero vector (`Guard.EAGER`).
+    overflows. Inside an XLA computation (`Guard.XLA` or `Guard.XLA_CPU`),
+    the products and their sum fuse into one pass over the value; elsewhere
+    (`Guard.EAGER`) a matrix is multiplied by a zero vector.
     """
-    if xla and math.prod(value.shape) > 0:
+    if guard != Guard.EAGER and math.prod(value.shape) > 0:
         # A zero made from the data, not a constant a compiler could fold
         # the products with; a NaN or Inf there makes the sum NaN anyway.
         # Indexed, not flattened: flattening a sharded weight gathers it.

@@ -402,3 +402,30 @@ def test_float64_and_float32_weights_in_one_model_match_article(offload):
     )
     stored = {w.path: ops.convert_to_numpy(w.value).dtype for w in model.weights}
     assert {path: v.dtype for path, v in ema_values(ema).items()} == stored
+
+
+@pytest.fixture
+def torch_device_flag(monkeypatch):
+    """torch's engine deciding the guard as it does on a GPU (a device flag
+    and `torch.where`), which on a CPU it decides on the host."""
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch's engine")
+    from keras_ema.backends import torch as torch_engine
+
+    chosen = []
+
+    def on_the_device(groups) -> bool:
+        chosen.append(groups)
+        return False
+
+    monkeypatch.setattr(torch_engine, "reads_flags_on_host", on_the_device)
+    yield
+    assert chosen, "the engine did not ask where to read the guard's flag"
+
+
+def test_torch_guard_on_the_device_with_filters_matches_article(torch_device_flag):
+    test_fit_with_filters_matches_article(offload=False)
+
+
+def test_torch_guard_on_the_device_skips_a_nan_update(torch_device_flag):
+    test_one_nan_weight_among_many_skips_the_whole_update_in_fit(offload=False)

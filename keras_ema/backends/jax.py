@@ -358,9 +358,9 @@ class Engine(base.Engine):
         ema_shardings = None
         if keras_shardings is not None:
             ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
-        every_step = update.every_step_due(self.state.schedules)
-        if every_step or optimizer_may_skip(model.optimizer):
-            fused_step = self._fused_step(guard)
+        may_skip = optimizer_may_skip(model.optimizer)
+        if may_skip or update.every_step_due(self.state.schedules):
+            fused_step = self._fused_step(guard, may_skip)
             if jitted:
                 out_shardings = keras_shardings
                 if out_shardings is not None:
@@ -376,18 +376,19 @@ class Engine(base.Engine):
             )
         return self._due_steps_train_function(due_update)
 
-    def _fused_step(self, guard):
+    def _fused_step(self, guard, may_skip: bool):
         """Keras' train step and the update of every profile, as one pure
         function of Keras' state, the EMA's arrays, a batch, and the steps
-        still to add to the EMA's counter."""
-        state, model, packing = self.state, self.model, self.packing
-        schedules = state.schedules
+        still to add to the EMA's counter. `may_skip`: whether the optimizer
+        may leave the weights as they were at a step."""
+        state, model = self.state, self.model
         iterations, accumulation = optimizer_step_rule(model.optimizer)
-        may_skip = optimizer_may_skip(model.optimizer)
         locate = _internals.jax_state_weights(model, state.weights)
         iterations_of = _internals.jax_state_optimizer_variable(model, iterations)
         keras_train_step = model.train_step
         run_update = update.update_when_due if base.gated(state) else update.update_all
+        updated = self._profiles_updated(run_update, guard)
+        dtypes = self.packing.shadow_dtypes
 
         def fused_step(keras_state, ema, data, pending):
             before = iterations_of(keras_state)
@@ -396,22 +397,36 @@ class Engine(base.Engine):
             if may_skip:
                 after = iterations_of(keras_state)
                 stepped = update.optimizer_stepped(before, after, accumulation)
+            counters, shadows, decays = updated(
+                ema, pending, lambda: as_stored(locate(keras_state), dtypes), stepped
+            )
+            logs = base.ema_logs(logs, state, decays, counters[1])
+            return logs, keras_state, (counters, shadows)
+
+        return fused_step
+
+    def _profiles_updated(self, run_update, guard):
+        """`run_update` (`update.update_all` or `update.update_when_due`) on
+        the EMA's packed arrays, as a pure function of those arrays, the steps
+        still to add to the EMA's counter, a function that reads the weights
+        (called only where a profile is due), and whether the optimizer
+        moved them. Returns the new counters, shadows and decays."""
+        schedules, packing = self.state.schedules, self.packing
+
+        def updated(ema, pending, read_weights, stepped=None):
             (step, skipped), shadows = ema
             counters, shadows, decays = run_update(
                 schedules,
                 packing.kinds,
                 (step + pending, skipped),
                 shadows,
-                lambda: packing.pack(
-                    as_stored(locate(keras_state), packing.shadow_dtypes)
-                ),
+                lambda: packing.pack(read_weights()),
                 stepped,
                 guard=guard,
             )
-            logs = base.ema_logs(logs, state, decays, counters[1])
-            return logs, keras_state, (list(counters), shadows)
+            return list(counters), shadows, decays
 
-        return fused_step
+        return updated
 
     def _every_step_train_function(self, fused_step):
         """Runs the fused step at every step."""
@@ -433,19 +448,11 @@ class Engine(base.Engine):
         """The update alone, as a pure function of the EMA's arrays, the
         weights Keras' step has just computed, and the steps still to add to
         the EMA's counter."""
-        state, packing = self.state, self.packing
+        updated = self._profiles_updated(update.update_all, guard)
 
         def due_update(ema, weights, pending):
-            (step, skipped), shadows = ema
-            counters, shadows, _ = update.update_all(
-                state.schedules,
-                packing.kinds,
-                (step + pending, skipped),
-                shadows,
-                lambda: packing.pack(weights),
-                guard=guard,
-            )
-            return list(counters), shadows
+            counters, shadows, _ = updated(ema, pending, lambda: weights)
+            return counters, shadows
 
         return due_update
 

@@ -4,10 +4,11 @@ Keras' torch train step is eager, so the update runs right after it. The
 shadows of each dtype are views into one flat buffer per profile, ordered by
 kind (averaged, copied, ignored), so an update is a handful of whole-buffer
 ops whatever the number of weights. The schedule is decided on the host from
-Python counters (`HostCounters`), so no step waits for the device; only the
-NaN/Inf guard is decided on the device (`torch.where`). On the CPU, for
-large models, that flag costs no sync to read, so the skip is decided on the
-host and each shadow is blended in place from its own weight. `HostEngine`
+Python counters (`HostCounters`), so no step waits for the device. On a GPU
+the NaN/Inf guard is decided on the device (`torch.where`); on the CPU its
+flag costs no sync to read, so the skip is decided on the host and the
+shadows are blended in place (for large models, each from its own weight,
+without the flat copy of the weights). `HostEngine`
 keeps the flat buffers in host memory and blends one due step late, after a
 `non_blocking` copy of the weights into a pinned buffer.
 """
@@ -150,7 +151,8 @@ class _Group:
         return torch.cat(self.views).to(self.dtype)
 
     def blend(self, profile: int, online, weights, finite) -> None:
-        """`flat = lerp(flat, online, weight of each kind)` where `finite`."""
+        """`flat = lerp(flat, online, weight of each kind)` where `finite`
+        (a device flag)."""
         flat = self.flats[profile]
         moved = torch.empty_like(flat)
         for kind, (start, stop) in self.segments.items():
@@ -162,6 +164,14 @@ class _Group:
             )
         torch.where(finite, moved, flat, out=flat)
 
+    def blend_in_place(self, profile: int, online, weights) -> None:
+        """`flat = lerp(flat, online, weight of each kind)`, for weights known
+        to be finite; a kind of weight 0 is left as it is."""
+        flat = self.flats[profile]
+        for kind, (start, stop) in self.segments.items():
+            if weights[kind]:
+                flat[start:stop].lerp_(online[start:stop], weights[kind])
+
 
 def _groups(state) -> list[_Group]:
     by_dtype: dict = {}
@@ -170,12 +180,19 @@ def _groups(state) -> list[_Group]:
     return [_Group(state, indices) for indices in by_dtype.values()]
 
 
+def reads_flags_on_host(groups) -> bool:
+    """Whether the guard's flag is read on the host: where every flat buffer
+    lives in host memory, reading it costs no device sync."""
+    return all(g.flats[0].device.type == "cpu" for g in groups)
+
+
 class _Blender:
     """Blends every profile's flat buffers from the weights."""
 
     def __init__(self, state):
         self.state = state
         self.groups = _groups(state)
+        self.on_host = reads_flags_on_host(self.groups)
 
     def all_finite(self, onlines):
         finite = None
@@ -186,6 +203,9 @@ class _Blender:
 
     def blend_online(self, onlines, weights_per_profile) -> None:
         """Blends from `onlines` (each group's weights, flat)."""
+        if self.on_host:
+            self._blend_online_on_host(onlines, weights_per_profile)
+            return
         with torch.no_grad():
             finite = self.all_finite(onlines)
             for profile, weights in enumerate(weights_per_profile):
@@ -194,6 +214,17 @@ class _Blender:
                 for group, online in zip(self.groups, onlines, strict=True):
                     group.blend(profile, online, weights, finite)
             self.state.skipped.value.add_((~finite).to(torch.int32))
+
+    def _blend_online_on_host(self, onlines, weights_per_profile) -> None:
+        with torch.no_grad():
+            if not finite_on_host(onlines):
+                self.state.skipped.value.add_(1)
+                return
+            for profile, weights in enumerate(weights_per_profile):
+                if weights is None:
+                    continue
+                for group, online in zip(self.groups, onlines, strict=True):
+                    group.blend_in_place(profile, online, weights)
 
 
 # --------------------------------------------------------------------------
@@ -215,19 +246,17 @@ class Engine(base.Engine):
         self.in_place = self._blends_in_place()
 
     def _blends_in_place(self) -> bool:
-        """Whether to blend each shadow in place from its weight: on the CPU,
-        for models of `IN_PLACE_ELEMENTS` or more, with every weight of its
-        shadow's dtype.
+        """Whether to blend each shadow in place from its own weight: on the
+        CPU, for models of `IN_PLACE_ELEMENTS` or more, with every weight of
+        its shadow's dtype.
 
-        On the CPU, reading the NaN/Inf flag costs no device sync, so a
-        skipped step can be decided on the host, and each shadow blended in
-        place from its own weight: no flat copy of the weights, no
-        temporary. Small models keep the flat path: one op for all weights
+        Each shadow then blends from its weight directly: no flat copy of
+        the weights. Small models keep the flat copy: one op for all weights
         costs less than one per weight.
         """
         groups = self.blender.groups
         return (
-            all(g.flats[0].device.type == "cpu" for g in groups)
+            self.blender.on_host
             and sum(g.flats[0].numel() for g in groups) >= IN_PLACE_ELEMENTS
             and all(view.dtype == g.dtype for g in groups for view in g.views)
         )
