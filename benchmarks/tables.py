@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from collections.abc import Iterable
 
@@ -226,12 +227,15 @@ def cold(results: dict[str, dict]) -> str:
                 *(f"{fit[m]:,.0f}" for m in ("none", "builtin", "keras_ema")),
                 ratio(r, "keras_ema", "builtin", "fit_ms", "steady_ms_per_step"),
                 ratio(r, "keras_ema", "none", "fit_ms", "steady_ms_per_step"),
+                ratio(
+                    r, "keras_ema_every10", "builtin", "fit_ms", "steady_ms_per_step"
+                ),
                 f"{first['builtin']:,.0f} / {first['keras_ema']:,.0f}",
                 f"{end['builtin']:,.1f} / {end['keras_ema']:,.1f}",
             ]
         )
     header = ["shape", "fit ms none", "builtin", "keras_ema"]
-    header += ["keras_ema / builtin", "keras_ema / none"]
+    header += ["keras_ema / builtin", "keras_ema / none", "every10 / builtin"]
     header += ["first step ms, builtin / keras_ema", "end of fit ms"]
     return table(header, rows)
 
@@ -250,18 +254,22 @@ def compiles(results: dict[str, dict]) -> str:
         if "compiles" not in r:
             continue
         builtin, ema = r["compiles"]["builtin"], r["compiles"]["keras_ema"]
+        every10 = r["compiles"].get("keras_ema_every10", [])
         rows.append(
             [
                 shape,
                 _compile_total(builtin, lambda e: "train_step" in e["function"]),
                 _compile_total(ema, lambda e: "fused_step" in e["function"]),
+                _compile_total(every10, lambda e: "due_update" in e["function"]),
                 f"{r['compile_ms']['builtin']:,.0f}",
                 f"{r['compile_ms']['keras_ema']:,.0f}",
+                f"{r['compile_ms'].get('keras_ema_every10', math.nan):,.0f}",
                 str(sum(e["compiles"] for e in ema if e["phase"] == "end")),
             ]
         )
     header = ["shape", "builtin: train_step ms", "keras_ema: fused_step ms"]
-    header += ["all compiles ms, builtin", "keras_ema", "keras_ema compiles at end"]
+    header += ["every10: due_update ms", "all compiles ms, builtin", "keras_ema"]
+    header += ["every10", "keras_ema compiles at end"]
     return table(header, rows)
 
 
@@ -296,31 +304,49 @@ def _before_after(
     after: dict[str, dict],
     key: str,
     columns: dict[str, Callable[[dict, str], str]],
+    per_shape: dict[str, Callable[[dict], str]] | None = None,
 ) -> str:
     """One row per shape both runs measured, and for each mode of
     `COMPARED_MODES` that both measured (under `key`), one "before / after"
     cell per column: `columns` maps a column's name to the cell's text for
-    one run and mode."""
+    one run and mode. `per_shape`: columns of one cell per run, where every
+    run has one (the text for a run, or `None`)."""
     pairs = [(b, after[shape]) for shape, b in before.items() if shape in after]
     modes = [
         mode
         for mode in COMPARED_MODES
         if all(mode in r[key] for pair in pairs for r in pair)
     ]
+    shared = {
+        name: cell
+        for name, cell in (per_shape or {}).items()
+        if all(cell(r) is not None for pair in pairs for r in pair)
+    }
     rows = []
     for b, a in pairs:
         row = [a["shape"]]
         for mode in modes:
             row += [f"{cell(b, mode)} / {cell(a, mode)}" for cell in columns.values()]
+        row += [f"{cell(b)} / {cell(a)}" for cell in shared.values()]
         rows.append(row)
     header = ["shape"]
     for mode in modes:
         header += [f"{COMPARED_MODES[mode]} {name}, before / after" for name in columns]
+    header += [f"{name}, before / after" for name in shared]
     return table(header, rows)
 
 
+def _update_alone(result: dict) -> str | None:
+    """The update timed alone, in ms and (in brackets) in lerps."""
+    f = result.get("floor") or {}
+    if "update_ms" not in f:
+        return None
+    return f"{f['update_ms']:.3f} ({f['update_over_lerp']:.2f})"
+
+
 def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
-    """Before and after, warm: ms a step and the ratio to the built-in."""
+    """Before and after, warm: ms a step and the ratio to the built-in, and
+    the update alone where both runs timed it (`--floor`)."""
     return _before_after(
         before,
         after,
@@ -329,6 +355,7 @@ def compare(before: dict[str, dict], after: dict[str, dict]) -> str:
             "ms/step": lambda r, mode: f"{r['ms_per_step'][mode]:.3f}",
             "/ builtin": lambda r, mode: warm_ratio(r, mode, "builtin"),
         },
+        {"update alone ms (lerps)": _update_alone},
     )
 
 
