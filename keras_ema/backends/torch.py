@@ -172,6 +172,14 @@ class _Group:
             if weights[kind]:
                 flat[start:stop].lerp_(online[start:stop], weights[kind])
 
+    def blend_each_in_place(self, profile: int, weights) -> None:
+        """Each shadow `lerp`ed in place from its own weight, for weights
+        known to be finite; a kind of weight 0 is left as it is."""
+        shadows = self.shadow_views[profile]
+        for kind, shadow, view in zip(self.kinds, shadows, self.views, strict=True):
+            if weights[kind]:
+                shadow.lerp_(view, weights[kind])
+
 
 def _groups(state) -> list[_Group]:
     by_dtype: dict = {}
@@ -204,7 +212,13 @@ class _Blender:
     def blend_online(self, onlines, weights_per_profile) -> None:
         """Blends from `onlines` (each group's weights, flat)."""
         if self.on_host:
-            self._blend_online_on_host(onlines, weights_per_profile)
+            self.blend_on_host(
+                onlines,
+                weights_per_profile,
+                lambda i, profile, weights: self.groups[i].blend_in_place(
+                    profile, onlines[i], weights
+                ),
+            )
             return
         with torch.no_grad():
             finite = self.all_finite(onlines)
@@ -215,16 +229,20 @@ class _Blender:
                     group.blend(profile, online, weights, finite)
             self.state.skipped.value.add_((~finite).to(torch.int32))
 
-    def _blend_online_on_host(self, onlines, weights_per_profile) -> None:
+    def blend_on_host(self, checked, weights_per_profile, blend_group) -> None:
+        """Where every value of `checked` is finite (read on the host),
+        `blend_group(group_index, profile, weights)` for each group of each
+        due profile; otherwise nothing is blended and the step is counted as
+        skipped."""
         with torch.no_grad():
-            if not finite_on_host(onlines):
+            if not finite_on_host(checked):
                 self.state.skipped.value.add_(1)
                 return
             for profile, weights in enumerate(weights_per_profile):
                 if weights is None:
                     continue
-                for group, online in zip(self.groups, onlines, strict=True):
-                    group.blend_in_place(profile, online, weights)
+                for index in range(len(self.groups)):
+                    blend_group(index, profile, weights)
 
 
 # --------------------------------------------------------------------------
@@ -287,23 +305,14 @@ class Engine(base.Engine):
         self.blender.blend_online(onlines, weights_per_profile)
 
     def _blend_in_place(self, weights_per_profile) -> None:
-        with torch.no_grad():
-            # The groups' views of the weights: the same tensors as
-            # `weight.value`, without a property lookup per weight.
-            views = (view for group in self.blender.groups for view in group.views)
-            if not finite_on_host(views):
-                self.state.skipped.value.add_(1)
-                return
-            for profile, kind_weights in enumerate(weights_per_profile):
-                if kind_weights is None:
-                    continue
-                for group in self.blender.groups:
-                    shadows = group.shadow_views[profile]
-                    for kind, shadow, view in zip(
-                        group.kinds, shadows, group.views, strict=True
-                    ):
-                        if kind_weights[kind]:
-                            shadow.lerp_(view, kind_weights[kind])
+        groups = self.blender.groups
+        # The groups' views of the weights: the same tensors as
+        # `weight.value`, without a property lookup per weight.
+        self.blender.blend_on_host(
+            (view for group in groups for view in group.views),
+            weights_per_profile,
+            lambda i, profile, weights: groups[i].blend_each_in_place(profile, weights),
+        )
 
     def build_train_function(self):
         keras_train_function = self._keras_train_function
