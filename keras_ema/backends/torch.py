@@ -212,13 +212,12 @@ class _Blender:
     def blend_online(self, onlines, weights_per_profile) -> None:
         """Blends from `onlines` (each group's weights, flat)."""
         if self.on_host:
-            self.blend_on_host(
-                onlines,
-                weights_per_profile,
-                lambda i, profile, weights: self.groups[i].blend_in_place(
-                    profile, onlines[i], weights
-                ),
-            )
+            with torch.no_grad():
+                for profile, weights in self.due_if_finite(
+                    onlines, weights_per_profile
+                ):
+                    for group, online in zip(self.groups, onlines, strict=True):
+                        group.blend_in_place(profile, online, weights)
             return
         with torch.no_grad():
             finite = self.all_finite(onlines)
@@ -229,20 +228,18 @@ class _Blender:
                     group.blend(profile, online, weights, finite)
             self.state.skipped.value.add_((~finite).to(torch.int32))
 
-    def blend_on_host(self, checked, weights_per_profile, blend_group) -> None:
-        """Where every value of `checked` is finite (read on the host),
-        `blend_group(group_index, profile, weights)` for each group of each
-        due profile; otherwise nothing is blended and the step is counted as
-        skipped."""
-        with torch.no_grad():
-            if not finite_on_host(checked):
-                self.state.skipped.value.add_(1)
-                return
-            for profile, weights in enumerate(weights_per_profile):
-                if weights is None:
-                    continue
-                for index in range(len(self.groups)):
-                    blend_group(index, profile, weights)
+    def due_if_finite(self, checked, weights_per_profile) -> list:
+        """Each due profile's `(index, weights)` where every value of
+        `checked` is finite (read on the host); otherwise none, and the step
+        is counted as skipped."""
+        if not finite_on_host(checked):
+            self.state.skipped.value.add_(1)
+            return []
+        return [
+            (profile, weights)
+            for profile, weights in enumerate(weights_per_profile)
+            if weights is not None
+        ]
 
 
 # --------------------------------------------------------------------------
@@ -308,11 +305,13 @@ class Engine(base.Engine):
         groups = self.blender.groups
         # The groups' views of the weights: the same tensors as
         # `weight.value`, without a property lookup per weight.
-        self.blender.blend_on_host(
-            (view for group in groups for view in group.views),
-            weights_per_profile,
-            lambda i, profile, weights: groups[i].blend_each_in_place(profile, weights),
-        )
+        views = (view for group in groups for view in group.views)
+        with torch.no_grad():
+            for profile, weights in self.blender.due_if_finite(
+                views, weights_per_profile
+            ):
+                for group in groups:
+                    group.blend_each_in_place(profile, weights)
 
     def build_train_function(self):
         keras_train_function = self._keras_train_function
