@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections.abc import Callable
 from collections.abc import Iterable
 
@@ -217,6 +216,11 @@ def floor(results: dict[str, dict]) -> str:
     return table(header, rows)
 
 
+def _milliseconds(by_mode: dict[str, float], mode: str, digits: int = 0) -> str:
+    """A mode's figure, or "-" for a mode the run left out."""
+    return f"{by_mode[mode]:,.{digits}f}" if mode in by_mode else "-"
+
+
 def cold(results: dict[str, dict]) -> str:
     rows = []
     for shape, r in results.items():
@@ -224,14 +228,16 @@ def cold(results: dict[str, dict]) -> str:
         rows.append(
             [
                 shape,
-                *(f"{fit[m]:,.0f}" for m in ("none", "builtin", "keras_ema")),
+                *(_milliseconds(fit, m) for m in ("none", "builtin", "keras_ema")),
                 ratio(r, "keras_ema", "builtin", "fit_ms", "steady_ms_per_step"),
                 ratio(r, "keras_ema", "none", "fit_ms", "steady_ms_per_step"),
                 ratio(
                     r, "keras_ema_every10", "builtin", "fit_ms", "steady_ms_per_step"
                 ),
-                f"{first['builtin']:,.0f} / {first['keras_ema']:,.0f}",
-                f"{end['builtin']:,.1f} / {end['keras_ema']:,.1f}",
+                f"{_milliseconds(first, 'builtin')} / "
+                f"{_milliseconds(first, 'keras_ema')}",
+                f"{_milliseconds(end, 'builtin', 1)} / "
+                f"{_milliseconds(end, 'keras_ema', 1)}",
             ]
         )
     header = ["shape", "fit ms none", "builtin", "keras_ema"]
@@ -261,9 +267,9 @@ def compiles(results: dict[str, dict]) -> str:
                 _compile_total(builtin, lambda e: "train_step" in e["function"]),
                 _compile_total(ema, lambda e: "fused_step" in e["function"]),
                 _compile_total(every10, lambda e: "due_update" in e["function"]),
-                f"{r['compile_ms']['builtin']:,.0f}",
-                f"{r['compile_ms']['keras_ema']:,.0f}",
-                f"{r['compile_ms'].get('keras_ema_every10', math.nan):,.0f}",
+                _milliseconds(r["compile_ms"], "builtin"),
+                _milliseconds(r["compile_ms"], "keras_ema"),
+                _milliseconds(r["compile_ms"], "keras_ema_every10"),
                 str(sum(e["compiles"] for e in ema if e["phase"] == "end")),
             ]
         )
