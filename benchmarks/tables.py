@@ -195,9 +195,6 @@ def floor(results: dict[str, dict]) -> str:
         if not f:
             continue
         ms = r["ms_per_step"]
-        alone = "-"
-        if "update_ms" in f:
-            alone = f"{f['update_ms']:.3f} ({f['update_over_lerp']:.2f})"
         rows.append(
             [
                 shape,
@@ -207,7 +204,7 @@ def floor(results: dict[str, dict]) -> str:
                 f"{ms['keras_ema'] - ms['none']:.3f}",
                 f"{f['ms_per_step_ema_over_lerp']:.2f} "
                 f"({f['steady_ema_over_lerp']:.2f})",
-                alone,
+                _update_alone(r) or "-",
             ]
         )
     header = ["shape", "float elements", "lerp ms", "lerp GB/s"]
