@@ -211,15 +211,14 @@ class _Blender:
 
     def blend_online(self, onlines, weights_per_profile) -> None:
         """Blends from `onlines` (each group's weights, flat)."""
-        if self.on_host:
-            with torch.no_grad():
+        with torch.no_grad():
+            if self.on_host:
                 for profile, weights in self.due_if_finite(
                     onlines, weights_per_profile
                 ):
                     for group, online in zip(self.groups, onlines, strict=True):
                         group.blend_in_place(profile, online, weights)
-            return
-        with torch.no_grad():
+                return
             finite = self.all_finite(onlines)
             for profile, weights in enumerate(weights_per_profile):
                 if weights is None:
