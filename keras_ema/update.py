@@ -1,175 +1,31 @@
 """The EMA update as pure `keras.ops` functions of tensors.
 
 Each backend's engine composes these inside its compiled train step (or
-eagerly): the counter advances (`advance`) when the optimizer really moved
-the weights (`optimizer_stepped`); each profile's schedule gives its flags
-for that step (`profile_flags`); the NaN/Inf guard is one device scalar for
-all weights (`all_finite`); and each profile's shadows are blended from the
-weights, read once for all profiles (`blend_elementwise`, or
-`blend_by_branches` where elementwise selects cost a pass over memory each).
+eagerly): the step counter and each profile's flags for that step come from
+`keras_ema.steps` (`counted_step`, `profile_flags`); the NaN/Inf guard is
+one device scalar for all weights (`keras_ema.guard.all_finite`); and each
+profile's shadows are blended from the weights, read once for all profiles
+(`blend_elementwise`, or `blend_by_branches` where elementwise selects cost
+a pass over memory each).
 `update_all` and `update_when_due` put the pieces together for all profiles.
 No function branches in Python on a tensor's value.
 """
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Callable
 from collections.abc import Sequence
-from typing import NamedTuple
 
-import keras
 from keras import ops
 
+from keras_ema import guard as guard_
+from keras_ema.guard import Guard
 from keras_ema.schedule import Schedule
-from keras_ema.sizes import GROUP_ELEMENTS
 from keras_ema.state import Kind
-
-
-class Flags(NamedTuple):
-    """One profile's schedule at one step, as device scalars."""
-
-    due: object  # bool: this step updates the profile
-    copies_all: object  # bool: the update copies every weight, ignored ones too
-    weight: object  # float32: the interpolation weight of an average
-
-
-def optimizer_stepped(before, after, accumulation_steps):
-    """Whether a train step moved the weights, from the optimizer's own
-    iteration counter before and after it: the counter advanced (a
-    LossScaleOptimizer's skipped step does not advance it) and, under
-    gradient accumulation, reached a multiple of the accumulation steps."""
-    moved = ops.greater(after, before)
-    if accumulation_steps:
-        moved = ops.logical_and(moved, ops.equal(ops.mod(after, accumulation_steps), 0))
-    return moved
-
-
-def advance(step, stepped=None):
-    """The step counter after this step: `t`, the steps taken so far."""
-    if stepped is None:
-        return step + ops.ones_like(step)
-    return step + ops.cast(stepped, step.dtype)
-
-
-def profile_flags(schedule: Schedule, t, stepped=None) -> Flags:
-    due = schedule.compiled_is_due(t)
-    if stepped is not None:
-        due = ops.logical_and(due, stepped)
-    copies_all = ops.logical_and(due, schedule.compiled_copies_all(t))
-    return Flags(due, copies_all, schedule.compiled_weight(t))
-
-
-def any_due(flags: Sequence[Flags]):
-    due = flags[0].due
-    for other in flags[1:]:
-        due = ops.logical_or(due, other.due)
-    return due
-
-
-def every_step_due(schedules: Sequence[Schedule]) -> bool:
-    """Whether every optimizer step updates every profile."""
-    return all(schedule.update_every == 1 for schedule in schedules)
-
-
-class Guard(enum.Enum):
-    """The form of the NaN/Inf guard's reductions (`all_finite`): the same
-    answer from each, each the fastest where it is named for."""
-
-    # Each op its own pass over memory (no XLA): a matrix with a last axis of
-    # some length is multiplied by a zero vector, one vectorised (and, on
-    # CPU, multithreaded) pass, where `all(isfinite(x))` first writes a
-    # boolean array and then reduces it.
-    EAGER = "eager"
-    # Inside an XLA computation: `sum(x * 0)`, which XLA fuses into one pass
-    # and which needs no branch (XLA on CPU compiles each matrix-vector
-    # product into a loop nest of its own, which lengthens every compile).
-    XLA = "xla"
-    # Inside an XLA computation on a CPU: the large values are summed as
-    # they are, the one reduction XLA on CPU vectorises, and checked as
-    # with `XLA` only where a sum is not finite. The branch costs nothing to
-    # run on a CPU (on a GPU it would wait for the device to read its
-    # predicate), but some compile time, which the small values, read
-    # faster than a branch is compiled, do not repay.
-    XLA_CPU = "xla_cpu"
-
-
-def all_finite(values, guard: Guard = Guard.EAGER):
-    """Whether every element of every value is finite, as one device scalar.
-
-    Small values of one dtype are concatenated, in order, into groups of up
-    to `GROUP_ELEMENTS` elements, one reduction each: the update cannot
-    start before this flag is known, and on XLA a reduction per small weight
-    costs more than the EMA itself on a model of many small weights. Large
-    values are checked alone: concatenating them would copy them, and under
-    a `keras.distribution` would gather their shards. `guard`: the form of
-    the reductions.
-    """
-    alone, grouped = _grouped_for_check(values)
-    if guard == Guard.XLA_CPU and alone:
-        checks = [_sums_then_elements_finite(alone)]
-    else:
-        checks = [is_finite(value, guard) for value in alone]
-    checks += [is_finite(value, guard) for value in grouped]
-    return ops.all(ops.stack(checks)) if checks else ops.convert_to_tensor(True)
-
-
-def _grouped_for_check(values) -> tuple[list, list]:
-    """The values over `GROUP_ELEMENTS` elements, and the others grouped."""
-    alone, groups, open_group = [], [], {}
-    for value in values:
-        size = math.prod(value.shape)
-        if size > GROUP_ELEMENTS:
-            alone.append(value)
-            continue
-        dtype = keras.backend.standardize_dtype(value.dtype)
-        group = open_group.get(dtype)
-        if group is None or group[0] + size > GROUP_ELEMENTS:
-            group = open_group[dtype] = [0, []]
-            groups.append(group[1])
-        group[0] += size
-        group[1].append(ops.reshape(value, (-1,)))
-    grouped = [
-        group[0] if len(group) == 1 else ops.concatenate(group) for group in groups
-    ]
-    return alone, grouped
-
-
-def _sums_then_elements_finite(values):
-    """An Inf or NaN anywhere makes a sum Inf or NaN, so finite sums decide;
-    a sum that is not finite may also be an overflow of huge finite values,
-    and only then is every element checked."""
-    sums = [ops.isfinite(ops.sum(value)) for value in values]
-    return ops.cond(
-        ops.all(ops.stack(sums)),
-        lambda: ops.convert_to_tensor(True),
-        lambda: ops.all(ops.stack([is_finite(value, Guard.XLA) for value in values])),
-    )
-
-
-def is_finite(value, guard: Guard = Guard.EAGER):
-    """Whether every element of one value is finite, as a device scalar.
-
-    `0 * x` is 0 for a finite `x` and NaN for NaN or Inf, so a sum of such
-    products is finite exactly when every element is, and it never
-    overflows. Inside an XLA computation (`Guard.XLA` or `Guard.XLA_CPU`),
-    the products and their sum fuse into one pass over the value; elsewhere
-    (`Guard.EAGER`) a matrix is multiplied by a zero vector.
-    """
-    if guard != Guard.EAGER and math.prod(value.shape) > 0:
-        # A zero made from the data, not a constant a compiler could fold
-        # the products with; a NaN or Inf there makes the sum NaN anyway.
-        # Indexed, not flattened: flattening a sharded weight gathers it.
-        zero = value[(0,) * len(value.shape)] * 0
-        return ops.isfinite(ops.sum(value * zero))
-    if len(value.shape) < 2 or value.shape[-1] < 8:
-        return ops.all(ops.isfinite(value))
-    matrix = ops.reshape(value, (-1, value.shape[-1]))
-    # Zeros made from the data, not a constant a compiler could fold the
-    # product with; a NaN or Inf in that row makes the product NaN anyway.
-    zeros = matrix[0] * 0
-    return ops.isfinite(ops.sum(ops.matmul(matrix, zeros)))
+from keras_ema.steps import Flags
+from keras_ema.steps import any_due
+from keras_ema.steps import counted_step
+from keras_ema.steps import profile_flags
 
 
 def _averaged(shadow, value, weight):
@@ -231,6 +87,7 @@ def update_all(
     stepped=None,
     blend: Blend = blend_elementwise,
     guard: Guard = Guard.EAGER,
+    counted: bool = False,
 ):
     """One step of every profile, the weights read (and checked) every step.
 
@@ -249,13 +106,15 @@ def update_all(
         blend: `blend_elementwise` or `blend_by_branches`.
         guard: The form of the NaN/Inf guard's reductions, for where the
             update runs (`Guard`).
+        counted: Whether `counters` already count this step (an engine
+            that counts steps on the host); otherwise the step is counted
+            here.
 
     Returns:
         `((step, skipped), shadows, decays)`: the new counters, the new
         shadows per profile, and each profile's decay at the new step.
     """
-    step, skipped = counters
-    t = advance(step, stepped)
+    t, skipped = _this_step(counters, stepped, counted)
     flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
     new_shadows, skipped = _blend_profiles(
         kinds, shadows, read_values(), flags, skipped, blend, guard
@@ -272,11 +131,11 @@ def update_when_due(
     stepped=None,
     blend: Blend = blend_elementwise,
     guard: Guard = Guard.EAGER,
+    counted: bool = False,
 ):
     """`update_all` inside a `cond` on any profile being due: a step that
     updates no profile reads no weight and writes no shadow."""
-    step, skipped = counters
-    t = advance(step, stepped)
+    t, skipped = _this_step(counters, stepped, counted)
     flags = [profile_flags(schedule, t, stepped) for schedule in schedules]
 
     def due():
@@ -290,8 +149,14 @@ def update_when_due(
     return (t, skipped), new_shadows, _decays(flags)
 
 
+def _this_step(counters, stepped, counted: bool) -> tuple:
+    """`(t, skipped)`: this step's counter, counted here unless `counted`."""
+    step, skipped = counters
+    return (step if counted else counted_step(step, stepped)), skipped
+
+
 def _blend_profiles(kinds, shadows, values, flags, skipped, blend, guard):
-    finite = all_finite(values, guard)
+    finite = guard_.all_finite(values, guard)
     new = [
         blend(kinds, profile_shadows, values, profile_flags_, finite)
         for profile_shadows, profile_flags_ in zip(shadows, flags, strict=True)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -11,31 +14,27 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
+from keras_ema import backends  # noqa: F401 (registers the backend's own forms)
+from keras_ema import guard as guard_
+from keras_ema.guard import Guard
 from keras_ema.sizes import GROUP_ELEMENTS as CHUNK
-from keras_ema.update import Guard
-from keras_ema.update import all_finite as _all_finite
 
 # Shapes that reach every path of the guard: 1-D and narrow values, grouped
 # small ones, and values over `CHUNK` elements checked alone.
 SHAPES = [(10,), (200, 4), (64, 64), (3, 5, 64), (CHUNK + 8,), (300, 128)]
 
 
-# How the guard runs: each `Guard` form, the XLA ones in the XLA computation
-# they are written for (eagerly on torch, which has none); and, on torch, the
-# engine's own host-side check of the in-place path (CPU, large models).
-FORMS = [guard.value for guard in Guard]
-if keras.backend.backend() == "torch":
-    FORMS.append("torch host")
+# How the guard runs: each `Guard` form this backend runs, the XLA ones in
+# the XLA computation they are written for (eagerly on torch, which has
+# none); on torch also its own forms: the host-side check of the in-place
+# path (CPU, large models) and the flat buffers' device flag.
+FORMS = [form.value for form in guard_.forms()]
 
 
 def guard(values, dtype, form="eager") -> bool:
     tensors = [ops.cast(ops.convert_to_tensor(v), dtype) for v in values]
-    if form == "torch host":
-        from keras_ema.backends.torch import finite_on_host
-
-        return finite_on_host(tensors)
     kind = Guard(form)
-    check = lambda tensors: _all_finite(tensors, kind)  # noqa: E731
+    check = lambda tensors: guard_.all_finite(tensors, kind)  # noqa: E731
     if kind != Guard.EAGER and keras.backend.backend() == "jax":
         import jax
 
@@ -99,3 +98,36 @@ def test_jax_engine_sums_first_on_a_cpu():
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     assert xla_guard(model.weights) == Guard.XLA_CPU
+
+
+def test_the_torch_backend_registers_its_own_forms():
+    torch_forms = {Guard.HOST, Guard.FLAT}
+    on_torch = keras.backend.backend() == "torch"
+    assert (torch_forms <= set(guard_.forms())) == on_torch
+    assert {Guard.EAGER, Guard.XLA, Guard.XLA_CPU} <= set(guard_.forms())
+
+
+def _skipped_after_a_nan_update(check_guard: bool) -> int:
+    import keras_ema
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    ema = keras_ema.EMA(update_after_step=0, update_every=1)
+    ema.set_model(model)
+    kernel = model.layers[0].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+
+    def assumed_finite(values, form=Guard.EAGER):
+        return guard_.assumed_finite(form)
+
+    with contextlib.ExitStack() as stack:
+        if not check_guard:
+            stack.enter_context(mock.patch.object(guard_, "all_finite", assumed_finite))
+        ema.update()
+    return ema.skipped_updates
+
+
+def test_replacing_all_finite_removes_the_guard_from_the_update():
+    # The one seam the benchmark's guard-less mode patches: every form of
+    # every engine goes through `guard.all_finite`.
+    assert _skipped_after_a_nan_update(check_guard=True) == 1
+    assert _skipped_after_a_nan_update(check_guard=False) == 0

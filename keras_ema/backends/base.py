@@ -19,8 +19,8 @@ import contextlib
 import keras
 import numpy as np
 
-from keras_ema import update
-from keras_ema.host_counters import optimizer_may_skip
+from keras_ema.steps import every_step_due
+from keras_ema.steps import optimizer_may_skip
 
 
 def copy_each_weight(tracked, fresh_copy) -> list:
@@ -160,7 +160,7 @@ def gated(state) -> bool:
     """Whether the compiled update must skip steps that update no profile:
     some profile updates only every few steps, or a step may not move the
     weights."""
-    return not update.every_step_due(state.schedules) or optimizer_may_skip(
+    return not every_step_due(state.schedules) or optimizer_may_skip(
         state.model.optimizer
     )
 

@@ -22,10 +22,13 @@ import numpy as np
 from keras_ema import _internals
 from keras_ema import update
 from keras_ema.backends import base
-from keras_ema.host_counters import HostCounters
-from keras_ema.host_counters import optimizer_may_skip
-from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.guard import Guard
 from keras_ema.packing import Packing
+from keras_ema.steps import HostCounters
+from keras_ema.steps import every_step_due
+from keras_ema.steps import optimizer_may_skip
+from keras_ema.steps import optimizer_moved
+from keras_ema.steps import optimizer_step_rule
 
 # --------------------------------------------------------------------------
 # Buffers and layouts
@@ -136,13 +139,13 @@ def orbax_target(variable):
     return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
 
 
-def xla_guard(weights) -> update.Guard:
+def xla_guard(weights) -> Guard:
     """The NaN/Inf guard's form for an update XLA compiles beside `weights`:
     `Guard.XLA_CPU` where they all live on CPUs."""
     on_cpu = all(
         device.platform == "cpu" for w in weights for device in w.value.devices()
     )
-    return update.Guard.XLA_CPU if on_cpu else update.Guard.XLA
+    return Guard.XLA_CPU if on_cpu else Guard.XLA
 
 
 def _spans_devices(sharding) -> bool:
@@ -351,7 +354,7 @@ class Engine(base.Engine):
     def build_train_function(self):
         model = self.model
         jitted = not model.run_eagerly and model.jit_compile
-        guard = xla_guard(self.state.weights) if jitted else update.Guard.EAGER
+        guard = xla_guard(self.state.weights) if jitted else Guard.EAGER
         keras_shardings = None
         if jitted:
             keras_shardings = _internals.jax_train_out_shardings(model)
@@ -359,7 +362,7 @@ class Engine(base.Engine):
         if keras_shardings is not None:
             ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
         may_skip = optimizer_may_skip(model.optimizer)
-        if may_skip or update.every_step_due(self.state.schedules):
+        if may_skip or every_step_due(self.state.schedules):
             fused_step = self._fused_step(guard, may_skip)
             if jitted:
                 out_shardings = keras_shardings
@@ -396,7 +399,7 @@ class Engine(base.Engine):
             stepped = None
             if may_skip:
                 after = iterations_of(keras_state)
-                stepped = update.optimizer_stepped(before, after, accumulation)
+                stepped = optimizer_moved(before, after, accumulation)
             counters, shadows, decays = updated(
                 ema, pending, lambda: as_stored(locate(keras_state), dtypes), stepped
             )
@@ -474,7 +477,7 @@ class Engine(base.Engine):
             for data in batches(iterator, steps_per_execution):
                 host = self._host_step()
                 logs, keras_state = keras_step(keras_state, data)
-                if host.advance() is None:
+                if host.count_step() is None:
                     self._pending += 1
                 else:
                     self._arrays = due_update(

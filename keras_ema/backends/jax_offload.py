@@ -17,8 +17,9 @@ from keras_ema import update
 from keras_ema.backends import base
 from keras_ema.backends.jax import batches
 from keras_ema.backends.jax import jit_keras_train_step
-from keras_ema.host_counters import HostCounters
-from keras_ema.host_counters import OptimizerSteps
+from keras_ema.guard import Guard
+from keras_ema.steps import HostCounters
+from keras_ema.steps import OptimizerSteps
 
 
 class HostPlacement(base.Placement):
@@ -41,14 +42,16 @@ class HostPlacement(base.Placement):
         return jax.sharding.SingleDeviceSharding(self.cpu)
 
 
-def _host_update(schedules, kinds, step, skipped, shadows, weights):
+def _host_update(schedules, kinds, t, skipped, shadows, weights):
+    """The update of step `t`, counted on the host."""
     (_, skipped), shadows, _ = update.update_all(
         schedules,
         kinds,
-        (step, skipped),
+        (t, skipped),
         shadows,
         lambda: weights,
-        guard=update.Guard.XLA_CPU,
+        guard=Guard.XLA_CPU,
+        counted=True,
     )
     return shadows, skipped
 
@@ -86,18 +89,18 @@ class HostEngine(base.Engine):
     def reload(self) -> None:
         self.counters.read(self.state.step)
 
-    def step(self, stepped: bool = True, weights=None) -> list:
+    def step(self, moved: bool = True, weights=None) -> list:
         """Counts one optimizer step, updates the shadows if it is due, and
         returns each profile's decay."""
         state = self.state
-        if self.counters.advance(stepped) is not None:
+        if self.counters.count_step(moved) is not None:
             online = weights or [w.value for w in state.weights]
             # `may_alias=False`: a CPU weight is copied too, since the next
             # train step donates (deletes) the weight's buffer.
             online = jax.device_put(list(online), self._cpu, may_alias=False)
             shadows = [[s.value for s in p.shadows] for p in state.profiles]
             new_shadows, skipped = self._update(
-                np.int32(self.counters.step - 1),
+                np.int32(self.counters.step),
                 state.skipped.value,
                 shadows,
                 online,
@@ -123,8 +126,8 @@ class HostEngine(base.Engine):
             logs = decays = None
             for data in batches(iterator, steps_per_execution):
                 logs, keras_state = keras_train_step(keras_state, data)
-                stepped = steps.advance(iterations_of(keras_state))
-                decays = self.step(stepped, locate(keras_state))
+                moved = steps.follow(iterations_of(keras_state))
+                decays = self.step(moved, locate(keras_state))
             logs = base.ema_logs(logs, state, decays, state.skipped.value)
             return logs, keras_state
 

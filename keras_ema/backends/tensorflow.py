@@ -22,10 +22,12 @@ import tensorflow as tf
 from keras_ema import _internals
 from keras_ema import update
 from keras_ema.backends import base
-from keras_ema.host_counters import optimizer_may_skip
-from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.guard import Guard
 from keras_ema.packing import Packing
 from keras_ema.sizes import BRANCH_MEAN_ELEMENTS
+from keras_ema.steps import optimizer_may_skip
+from keras_ema.steps import optimizer_moved
+from keras_ema.steps import optimizer_step_rule
 
 # --------------------------------------------------------------------------
 # Buffers and layouts
@@ -230,7 +232,7 @@ def assign_update(
         read_values,
         stepped,
         blend or update.blend_elementwise,
-        update.Guard.XLA if xla else update.Guard.EAGER,
+        Guard.XLA if xla else Guard.EAGER,
     )
     variables = [*state.counters, *(v for profile in targets for v in profile)]
     values = [*counters, *(v for profile in shadows for v in profile)]
@@ -312,9 +314,7 @@ class Engine(base.Engine):
             logs = keras_train_step(data)
             stepped = None
             if may_skip:
-                stepped = update.optimizer_stepped(
-                    before, read(iterations), accumulation
-                )
+                stepped = optimizer_moved(before, read(iterations), accumulation)
             counters, decays = assign_update(
                 state, run, read_values, stepped, blend, packed, xla
             )

@@ -18,7 +18,8 @@ from keras_ema.backends.tensorflow import assign_update
 from keras_ema.backends.tensorflow import fresh_copy
 from keras_ema.backends.tensorflow import keras_train_function_around
 from keras_ema.backends.tensorflow import read
-from keras_ema.host_counters import optimizer_step_rule
+from keras_ema.steps import optimizer_moved
+from keras_ema.steps import optimizer_step_rule
 
 
 class HostPlacement(Placement):
@@ -87,7 +88,7 @@ class HostEngine(base.Engine):
         def train_step(data):
             before = read(iterations)
             logs = keras_train_step(data)
-            stepped = update.optimizer_stepped(before, read(iterations), accumulation)
+            stepped = optimizer_moved(before, read(iterations), accumulation)
             counters, decays = _host_assign_update(state, stepped)
             return base.ema_logs(logs, state, decays, counters[1])
 

@@ -22,11 +22,13 @@ import keras
 import torch
 
 from keras_ema import _internals
+from keras_ema import guard
 from keras_ema.backends import base
-from keras_ema.host_counters import HostCounters
-from keras_ema.host_counters import OptimizerSteps
+from keras_ema.guard import Guard
 from keras_ema.sizes import IN_PLACE_ELEMENTS
 from keras_ema.state import Kind
+from keras_ema.steps import HostCounters
+from keras_ema.steps import OptimizerSteps
 
 # --------------------------------------------------------------------------
 # Buffers and layouts
@@ -79,8 +81,8 @@ class Placement(base.Placement):
 
 
 def finite_on_host(values) -> bool:
-    """Whether every element of every value is finite, read on the host (for
-    a CPU's tensors, where reading costs no device sync).
+    """`Guard.HOST`: whether every element of every value is finite, read on
+    the host (for a CPU's tensors, where reading costs no device sync).
 
     An Inf or NaN anywhere makes a sum Inf or NaN, so a finite sum decides;
     a sum is the fastest reduction here, faster than `aminmax` or a
@@ -96,6 +98,20 @@ def finite_on_host(values) -> bool:
         if not bool(torch.isfinite(value).all()):
             return False
     return True
+
+
+def finite_flat(onlines):
+    """`Guard.FLAT`: whether every element of every flat buffer is finite, as
+    one device flag (`isfinite(x).all()`: one op per buffer, no sync)."""
+    finite = None
+    for online in onlines:
+        check = torch.isfinite(online).all()
+        finite = check if finite is None else finite & check
+    return finite
+
+
+guard.register_form(Guard.HOST, finite_on_host)
+guard.register_form(Guard.FLAT, finite_flat)
 
 
 # --------------------------------------------------------------------------
@@ -202,24 +218,17 @@ class _Blender:
         self.groups = _groups(state)
         self.on_host = reads_flags_on_host(self.groups)
 
-    def all_finite(self, onlines):
-        finite = None
-        for online in onlines:
-            check = torch.isfinite(online).all()
-            finite = check if finite is None else finite & check
-        return finite
-
     def blend_online(self, onlines, weights_per_profile) -> None:
         """Blends from `onlines` (each group's weights, flat)."""
         with torch.no_grad():
             if self.on_host:
-                for profile, weights in self.due_if_finite(
+                for profile, weights in self.due_and_finite(
                     onlines, weights_per_profile
                 ):
                     for group, online in zip(self.groups, onlines, strict=True):
                         group.blend_in_place(profile, online, weights)
                 return
-            finite = self.all_finite(onlines)
+            finite = guard.all_finite(onlines, Guard.FLAT)
             for profile, weights in enumerate(weights_per_profile):
                 if weights is None:
                     continue
@@ -227,11 +236,11 @@ class _Blender:
                     group.blend(profile, online, weights, finite)
             self.state.skipped.value.add_((~finite).to(torch.int32))
 
-    def due_if_finite(self, checked, weights_per_profile) -> list:
+    def due_and_finite(self, checked, weights_per_profile) -> list:
         """Each due profile's `(index, weights)` where every value of
         `checked` is finite (read on the host); otherwise none, and the step
-        is counted as skipped."""
-        if not finite_on_host(checked):
+        is counted in `skipped` here."""
+        if not guard.all_finite(checked, Guard.HOST):
             self.state.skipped.value.add_(1)
             return []
         return [
@@ -281,10 +290,10 @@ class Engine(base.Engine):
     def reload(self) -> None:
         self.counters.read(self.state.step)
 
-    def step(self, stepped: bool = True) -> list:
+    def step(self, moved: bool = True) -> list:
         """Counts one optimizer step, updates the shadows if it is due, and
         returns each profile's decay."""
-        flags = self.counters.advance(stepped)
+        flags = self.counters.count_step(moved)
         if flags is not None:
             self._blend([f.kind_weights() if f.due else None for f in flags])
         return self.counters.decays()
@@ -306,7 +315,7 @@ class Engine(base.Engine):
         # `weight.value`, without a property lookup per weight.
         views = (view for group in groups for view in group.views)
         with torch.no_grad():
-            for profile, weights in self.blender.due_if_finite(
+            for profile, weights in self.blender.due_and_finite(
                 views, weights_per_profile
             ):
                 for group in groups:
@@ -322,7 +331,7 @@ class Engine(base.Engine):
 
         def train_function(data):
             logs = keras_train_function(data)
-            decays = self.step(steps.advance(steps.iterations.value))
+            decays = self.step(steps.follow(steps.iterations.value))
             return base.ema_logs(logs, state, decays, state.skipped.value)
 
         return train_function

@@ -32,13 +32,13 @@ from keras_ema.posthoc.setup_checks import check_arguments
 from keras_ema.posthoc.setup_checks import check_distinct_paths
 from keras_ema.posthoc.setup_checks import check_start_step
 from keras_ema.posthoc.setup_checks import check_steps_per_execution
-from keras_ema.posthoc.snapshot_steps import FitSteps
 from keras_ema.posthoc.snapshot_steps import spacing_at
 from keras_ema.posthoc.snapshot_steps import thinned
 from keras_ema.posthoc.writer import write_snapshot
 from keras_ema.posthoc.writer_thread import WriterThread
 from keras_ema.posthoc.writer_thread import wait_for_folder
 from keras_ema.schedule import PowerFunctionSchedule
+from keras_ema.steps import FitSteps
 
 # The key of the run id in the state file's `extra` header object.
 _RUN_ID_KEY = "posthoc_run_id"

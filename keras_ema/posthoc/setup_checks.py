@@ -8,12 +8,10 @@ import collections
 import os
 from collections.abc import Sequence
 
-import keras
-
 from keras_ema.checks import check_int_at_least
-from keras_ema.host_counters import optimizer_step_rule
 from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
 from keras_ema.schedule import checked_sigma_rels
+from keras_ema.steps import optimizer_may_skip
 
 
 def check_arguments(
@@ -75,9 +73,7 @@ def check_steps_per_execution(model, snapshot_every: int, params: dict | None) -
     if steps_per_execution == 1:
         return
     optimizer = model.optimizer
-    if optimizer_step_rule(optimizer)[1] or isinstance(
-        optimizer, keras.optimizers.LossScaleOptimizer
-    ):
+    if optimizer_may_skip(optimizer):
         raise ValueError(
             "`steps_per_execution` > 1 needs an optimizer that moves the "
             "weights at every step (no gradient accumulation, no "

@@ -1,8 +1,8 @@
 """Which steps get a `PostHocEMA` snapshot: the spacing (doubled to keep at
-most `max_snapshots` files), the files it no longer keeps, and the EMA's step
-counter mirrored on the host during `fit`.
+most `max_snapshots` files) and the files it no longer keeps.
 
-When to snapshot is decided on the host. The EMA's step counter advances
+When to snapshot is decided on the host, from the EMA's step counter during
+`fit` (`keras_ema.steps.FitSteps`). The EMA's step counter advances
 once per optimizer step, so it is the counter at the start of the `fit`
 (read once) plus the optimizer steps since: each batch with a plain
 optimizer, every `gradient_accumulation_steps`-th batch under gradient
@@ -17,11 +17,6 @@ of an epoch is seen in `on_epoch_end`, where the optimizer's counter is read.
 """
 
 from __future__ import annotations
-
-import keras
-from keras import ops
-
-from keras_ema.host_counters import optimizer_step_rule
 
 
 def spacing_at(step: int, snapshot_every: int, max_snapshots: int | None) -> int:
@@ -40,36 +35,3 @@ def thinned(files: list, step: int, spacing: int) -> list:
     return [
         path for file_step, path in files if file_step < step and file_step % spacing
     ]
-
-
-class FitSteps:
-    """The EMA's step counter during one `fit`, mirrored on the host from the
-    counter at its start and the optimizer's own counter.
-
-    Args:
-        optimizer: The model's optimizer.
-        step: The EMA's step counter now.
-    """
-
-    def __init__(self, optimizer, step: int):
-        self.accumulation = optimizer_step_rule(optimizer)[1]
-        self.reads_device = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        self.start_step = step
-        self.start_iterations = self.epoch_iterations = self.read(optimizer)
-
-    @staticmethod
-    def read(optimizer) -> int:
-        """The optimizer's own counter now (its inner optimizer's, for a
-        `LossScaleOptimizer`), read from the device."""
-        iterations, _ = optimizer_step_rule(optimizer)
-        return int(ops.convert_to_numpy(iterations.value))
-
-    def step_at(self, iterations: int) -> int:
-        """The EMA's step counter once the optimizer's is at `iterations`:
-        one step per optimizer step that moved the weights."""
-        if self.accumulation:
-            a = self.accumulation
-            moved = iterations // a - self.start_iterations // a
-        else:
-            moved = iterations - self.start_iterations
-        return self.start_step + moved
