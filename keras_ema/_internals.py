@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import keras
 
@@ -103,6 +105,53 @@ def jax_state_optimizer_variable(model, variable) -> Callable:
         if candidate is variable:
             return lambda keras_state: keras_state[2][index]
     raise ValueError(f"Variable {variable.path!r} is not among the optimizer's.")
+
+
+def batches(iterator, steps_per_execution: int):
+    """The batches of one JAX `train_function` call, as Keras takes them: up
+    to `steps_per_execution`, and a `StopIteration` (the epoch's end) only
+    when there is not even one.
+
+    Copied from `JAXTrainer.make_train_function`'s `iterator_step`: the EMA
+    installs a train function of its own (Keras' step and the update, or
+    Keras' step and a separate jitted update) and must take the batches
+    exactly as Keras' would; Keras has no public function for it.
+    """
+    first = next(iterator)
+    return itertools.chain([first], itertools.islice(iterator, steps_per_execution - 1))
+
+
+def jit_keras_train_step(model):
+    """Keras' own JAX train step, jitted and donated as Keras does, or as is
+    when the model runs eagerly.
+
+    Copied from `JAXTrainer.make_train_function` / `_make_function` (without
+    their nnx branch, which a Keras model never takes): the EMA runs Keras'
+    step in its own train function, and Keras offers no public way to get
+    the jitted step alone. `tests/test_internals.py` pins the copy to the
+    installed Keras.
+    """
+    if model.run_eagerly or not model.jit_compile:
+        return model.train_step
+    import jax
+
+    return jax.jit(
+        model.train_step,
+        donate_argnums=0,
+        out_shardings=jax_train_out_shardings(model),
+    )
+
+
+def tf_optimization_barrier(values) -> list:
+    """TensorFlow's XLA optimization barrier on `values`.
+
+    TF's own XLA op (`tensorflow.compiler.tf2xla`) has no public name; it is
+    the one way to keep XLA from fusing away a narrow weight's rounding
+    (see the TensorFlow backend's `as_stored`).
+    """
+    from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
+
+    return list(optimization_barrier(*values))
 
 
 def raw_iterations(optimizer):
@@ -263,31 +312,39 @@ def running_fit(model) -> dict:
         del frame
 
 
-def fit_callbacks(model) -> list:
-    """The callbacks of the running `fit` of `model` (empty outside one)."""
-    callbacks = running_fit(model).get("callbacks")
-    return list(callbacks.callbacks) if callbacks is not None else []
+class FitContext(NamedTuple):
+    """What a callback needs to know of the running `fit`, read once at its
+    `on_train_begin` (`fit_context`)."""
+
+    # The callbacks of the `fit` (empty outside one).
+    callbacks: list
+    # Its batch size, or `None` where it is unknown (outside `fit`, or data
+    # that batches itself).
+    batch_size: int | None
+    # Whether it validates; `None` if unknown.
+    validates: bool | None
 
 
-def fit_batch_size(model) -> int | None:
-    """The batch size of the running `fit` of `model`, or `None` where it is
-    unknown (outside `fit`, or data that batches itself).
+def fit_context(model) -> FitContext:
+    """The `FitContext` of the running `fit` of `model`.
 
     Every trainer's `fit` keeps its `epoch_iterator` in a local; its data
     adapter's `batch_size` is the batch size Keras uses (32 for arrays
     without `batch_size`), which `fit` passes to no callback.
     """
-    iterator = running_fit(model).get("epoch_iterator")
-    adapter = getattr(iterator, "data_adapter", None)
-    return getattr(adapter, "batch_size", None)
-
-
-def fit_validates(model) -> bool | None:
-    """Whether the running `fit` of `model` validates; `None` if unknown."""
     names = running_fit(model)
-    if not names:
-        return None
-    return names.get("validation_data") is not None
+    callbacks = names.get("callbacks")
+    adapter = getattr(names.get("epoch_iterator"), "data_adapter", None)
+    return FitContext(
+        callbacks=list(callbacks.callbacks) if callbacks is not None else [],
+        batch_size=getattr(adapter, "batch_size", None),
+        validates=names.get("validation_data") is not None if names else None,
+    )
+
+
+def fit_callbacks(model) -> list:
+    """The callbacks of the running `fit` of `model` (empty outside one)."""
+    return fit_context(model).callbacks
 
 
 def torch_variable_storage(variable, tensor) -> None:

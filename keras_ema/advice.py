@@ -10,10 +10,10 @@ import keras
 from keras_ema import _internals
 
 
-def warn_about_setup(ema, model) -> None:
-    """At the start of `fit`: Keras' own EMA in the optimizer, a plain
-    `ModelCheckpoint` monitoring `val_ema_*`, and `val_ema_*` monitored in a
-    `fit` without validation."""
+def warn_about_setup(ema, model, fit: _internals.FitContext) -> None:
+    """At the start of `fit` (`fit`: its context): Keras' own EMA in the
+    optimizer, a plain `ModelCheckpoint` monitoring `val_ema_*`, and
+    `val_ema_*` monitored in a `fit` without validation."""
     optimizer = getattr(model, "optimizer", None)
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     if getattr(inner, "use_ema", False):
@@ -27,7 +27,7 @@ def warn_about_setup(ema, model) -> None:
         )
     monitored = [
         callback
-        for callback in _internals.fit_callbacks(model)
+        for callback in fit.callbacks
         if callback is not ema
         and isinstance(getattr(callback, "monitor", None), str)
         and callback.monitor.startswith("val_ema_")
@@ -42,7 +42,7 @@ def warn_about_setup(ema, model) -> None:
                 "use `keras_ema.EMAModelCheckpoint(ema, filepath, ...)`.",
                 stacklevel=4,
             )
-    if monitored and _internals.fit_validates(model) is False:
+    if monitored and fit.validates is False:
         warnings.warn(
             f"`{monitored[0].monitor}` is monitored by "
             f"`{type(monitored[0]).__name__}`, but this `fit` runs no "
@@ -69,8 +69,9 @@ def warn_if_never_averaged(step: int, schedules) -> None:
     )
 
 
-def refuse_another_ema(ema, model, ema_class) -> None:
-    """Raises when another `ema_class` callback is in the running `fit`.
+def refuse_another_ema(ema, fit: _internals.FitContext, ema_class) -> None:
+    """Raises when another `ema_class` callback is in the running `fit`
+    (`fit`: its context).
 
     Each installs its update in the model's compiled train step; two would
     each install their own around Keras' step, and only the last one would
@@ -78,7 +79,7 @@ def refuse_another_ema(ema, model, ema_class) -> None:
     """
     others = [
         callback
-        for callback in _internals.fit_callbacks(model)
+        for callback in fit.callbacks
         if isinstance(callback, ema_class) and callback is not ema
     ]
     if others:

@@ -56,11 +56,11 @@ def attached(model) -> list:
 def ride_along_orbax(model, callbacks) -> None:
     """Makes each `OrbaxCheckpoint` among `callbacks` also save the state of
     every EMA attached to `model`, in the same step; raises a `ValueError`
-    where this backend cannot (see `backends.require_orbax_support`)."""
+    where this backend cannot (see `backends.BACKEND_OPS.require_orbax_support`)."""
     checkpoints = orbax_io.orbax_checkpoints(callbacks)
     if not checkpoints:
         return
-    backends.require_orbax_support()
+    backends.BACKEND_OPS.require_orbax_support()
     model_ref = weakref.ref(model)
 
     def checkpointables() -> dict:

@@ -16,7 +16,7 @@ from keras_ema import advice
 from keras_ema import backends
 from keras_ema import backup
 from keras_ema import profiles as profiles_
-from keras_ema import validation
+from keras_ema import val_ema
 from keras_ema.schedule import Schedule
 from keras_ema.state import Filters
 from keras_ema.state import ShadowState
@@ -39,8 +39,9 @@ class EMA(StateFiles, keras.callbacks.Callback):
     a plain running average; `power=2/3` reaches 0.999 after about 31.6k
     steps and 0.9999 after about 1M, `power=3/4` after about 10k and 215k.
 
-    Another schedule can be given instead (`schedule=`): the article's
-    bias-corrected EMA (`BiasCorrectedSchedule`), the power-function EMA of
+    Another schedule can be given instead (`schedule=`): the bias-corrected
+    EMA of the article "EMA in deep learning: principles, implementation and
+    experiments" (`BiasCorrectedSchedule`), the power-function EMA of
     Karras et al. (`PowerFunctionSchedule`), a half-life in steps, epochs or
     samples (`HalfLifeSchedule`). With `profiles={"fast": ..., "slow": ...}`
     the callback keeps several averages of the same weights, all updated in
@@ -156,7 +157,6 @@ class EMA(StateFiles, keras.callbacks.Callback):
             min_value=min_value,
         )
         self._profiles = profiles_.from_arguments(warmup, schedule, profiles)
-        self.schedule = self._profiles[0][1]
         self.param_or_buffer_names_no_ema = check_names(
             "param_or_buffer_names_no_ema", param_or_buffer_names_no_ema
         )
@@ -191,7 +191,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
 
     @property
     def step(self) -> int:
-        """The update counter of the article's `EMA` class."""
+        """The update counter of ema-pytorch's `EMA` class."""
         state = self._flushed_state()
         return int(ops.convert_to_numpy(state.step))
 
@@ -220,7 +220,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
 
     def get_current_decay(self, profile: str | None = None) -> float:
         """The decay of a profile's schedule now (for the warm-up schedule,
-        what the article's `get_current_decay()` returns).
+        what ema-pytorch's `EMA.get_current_decay()` returns).
 
         Args:
             profile: A name from `profiles`; `None` for the first profile.
@@ -228,10 +228,10 @@ class EMA(StateFiles, keras.callbacks.Callback):
         """
         index = self._profile_index(profile)
         step = self.step
-        return self._state.profiles[index].schedule.decay(step)
+        return self._state.schedules[index].decay(step)
 
     def update(self) -> None:
-        """One step of the article's `update()`, for use outside `fit`."""
+        """One step of ema-pytorch's `EMA.update()`, for use outside `fit`."""
         state = self._require_state()
         self._require_online_weights("update()")
         state.check_model_unchanged()
@@ -302,7 +302,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         self._require_online_weights("copy_to_model()")
         state = self._flushed_state()
         for weight, shadow in zip(state.weights, state.shadows, strict=True):
-            weight.assign(backends.copy_for_weight(shadow.value, weight))
+            weight.assign(backends.BACKEND_OPS.copy_for_weight(shadow.value, weight))
 
     def save_state(self, path: str) -> None:
         """Writes the counters, hyperparameters and shadows to `path`.
@@ -370,19 +370,17 @@ class EMA(StateFiles, keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None) -> None:
         self._require_online_weights("fit")
-        advice.refuse_another_ema(self, self.model, EMA)
-        backup.ride_along_orbax(self.model, _internals.fit_callbacks(self.model))
+        fit = _internals.fit_context(self.model)
+        advice.refuse_another_ema(self, fit, EMA)
+        backup.ride_along_orbax(self.model, fit.callbacks)
         self._fit_schedules = [
-            schedule.in_steps(
-                (self.params or {}).get("steps"),
-                _internals.fit_batch_size(self.model),
-            )
+            schedule.in_steps((self.params or {}).get("steps"), fit.batch_size)
             for _, schedule in self._profiles
         ]
         if self._state is None and not self.model.built:
             # TensorFlow builds a model that was never called in its first
             # train step, after `on_train_begin`.
-            self._undo_deferral = backends.start_when_built(
+            self._undo_deferral = backends.BACKEND_OPS.start_when_built(
                 self.model, self._start_training
             )
         else:
@@ -391,17 +389,15 @@ class EMA(StateFiles, keras.callbacks.Callback):
             self.model, self._evaluate_online_and_ema
         )
         self._in_fit = True
-        advice.warn_about_setup(self, self.model)
+        advice.warn_about_setup(self, self.model, fit)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         if self._in_fit and self._state is not None:
             self._engine.start_epoch()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
-        if logs is not None and "ema_skipped" in logs and self._state.offload:
-            # Host shadows are blended one due step late: the last batch's
-            # log does not count that step yet.
-            logs["ema_skipped"] = self.skipped_updates
+        if logs is not None and self._state is not None:
+            self._engine.end_epoch(logs)
         skipped = int((logs or {}).get("ema_skipped", 0))
         if skipped > self._warned_skipped == 0:
             warnings.warn(
@@ -443,10 +439,10 @@ class EMA(StateFiles, keras.callbacks.Callback):
                 self.ignore_startswith_names,
             ),
             self.offload_to_host,
-            backends.make_placement(self.offload_to_host),
+            backends.BACKEND_OPS.make_placement(self.offload_to_host),
             trainable_only=self._trainable_only,
         )
-        self._engine = backends.make_engine(self._state)
+        self._engine = backends.BACKEND_OPS.make_engine(self._state)
 
     def _require_state(self) -> ShadowState:
         if self._state is None:
@@ -474,11 +470,8 @@ class EMA(StateFiles, keras.callbacks.Callback):
             # A half-life in epochs or samples, in this fit's steps. The
             # engine's compiled code holds the schedules: it is made again.
             self._engine.flush()
-            for profile, schedule in zip(
-                state.profiles, self._fit_schedules, strict=True
-            ):
-                profile.schedule = schedule
-            self._engine = backends.make_engine(state)
+            state.use_schedules(self._fit_schedules)
+            self._engine = backends.BACKEND_OPS.make_engine(state)
         self._engine.install()
 
     def _finish_training(self) -> None:
@@ -496,7 +489,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
             self._engine.uninstall()
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
-        return validation.evaluate_online_and_ema(self, keras_evaluate, args, kwargs)
+        return val_ema.evaluate_online_and_ema(self, keras_evaluate, args, kwargs)
 
     def _swap_in(self, index: int) -> None:
         state = self._require_state()

@@ -17,7 +17,7 @@ holding them is committed, kept and deleted (`max_to_keep`) as one.
 
 `read` reads the header first and checks it against the model as
 `state_io.match` checks a state file, then restores each shadow with its
-own shape, dtype and sharding (`backends.orbax_target`): each process reads
+own shape, dtype and sharding (`backends.BACKEND_OPS.orbax_target`): each process reads
 only its shards.
 """
 
@@ -93,7 +93,7 @@ def read(step_path: str, name: str, state) -> tuple | None:
     state_io.match(header, None, state, where)
     _check_stored(stored, header, where)
     targets = [
-        [backends.orbax_target(shadow) for shadow in profile.shadows]
+        [backends.BACKEND_OPS.orbax_target(shadow) for shadow in profile.shadows]
         for profile in state.profiles
     ]
     loaded = ocp.load_checkpointables(

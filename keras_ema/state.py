@@ -104,7 +104,7 @@ def weights_signature(weights) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class Filters:
-    """The three name filters of the article's `EMA` class."""
+    """The three name filters of ema-pytorch's `EMA` class."""
 
     no_ema: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
@@ -113,11 +113,10 @@ class Filters:
 
 @dataclasses.dataclass
 class Profile:
-    """One average of the tracked weights: its name, its schedule and one
-    shadow per tracked weight."""
+    """One average of the tracked weights: its name and one shadow per
+    tracked weight (its schedule is `ShadowState.schedules`' entry)."""
 
     name: str
-    schedule: Schedule
     shadows: list
 
     @property
@@ -167,10 +166,12 @@ class ShadowState:
         self.signature = weights_signature(self.weights)
         self.placement = placement
         placement.check(model, self.weights)
+        # Each profile's schedule in steps (`use_schedules`).
+        self.schedules = [schedule for _, schedule in profiles]
         with placement.scope(model):
             self.profiles = [
-                Profile(name, schedule, self._make_shadows(placement, name))
-                for name, schedule in profiles
+                Profile(name, self._make_shadows(placement, name))
+                for name, _ in profiles
             ]
             counter_layout = placement.counter_layout(self.weights)
             self.step = _counter("ema_step", placement, counter_layout)
@@ -190,7 +191,6 @@ class ShadowState:
                 aggregation=placement.aggregation,
                 layout=placement.shadow_layout(weight),
             )
-            placement.place_like(shadow, weight)
             shadows.append(shadow)
         return shadows
 
@@ -199,18 +199,15 @@ class ShadowState:
         """The first profile's shadows."""
         return self.profiles[0].shadows
 
-    @property
-    def schedules(self) -> list[Schedule]:
-        return [profile.schedule for profile in self.profiles]
+    def use_schedules(self, schedules: Sequence[Schedule]) -> None:
+        """Sets each profile's schedule in steps (those of one `fit`, where a
+        half-life is given in epochs or samples): the one place an engine
+        reads them from, so an engine is made again after this."""
+        self.schedules = list(schedules)
 
     @property
     def counters(self) -> list:
         return [self.step, self.skipped]
-
-    @property
-    def all_shadows(self) -> list:
-        """Every profile's shadows, profile after profile."""
-        return [s for profile in self.profiles for s in profile.shadows]
 
     def check_model_unchanged(self) -> None:
         """Raises if the model's float weights differ from those shadowed."""

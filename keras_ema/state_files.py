@@ -78,7 +78,9 @@ class StateFiles:
         state = self._state
         for profile in state.profiles:
             for shadow, weight in zip(profile.shadows, state.weights, strict=True):
-                shadow.assign(backends.fresh_copy(weight.value, shadow.dtype))
+                shadow.assign(
+                    backends.BACKEND_OPS.fresh_copy(weight.value, shadow.dtype)
+                )
         self._engine.reload()
 
     def _warn_if_hyperparameters_differ(self, saved: dict, path: str) -> None:
@@ -99,7 +101,7 @@ def require_held_here(action: str, values) -> None:
     """Raises unless this process holds each of the `(path, value)` pairs
     whole: `action` would gather it from the other processes."""
     for path, value in values:
-        if not backends.held_here(value):
+        if not backends.BACKEND_OPS.held_here(value):
             raise ValueError(
                 f"`{action}` needs every value on this process, but {path!r} "
                 "is sharded over devices of several processes, and keras_ema "

@@ -37,14 +37,14 @@ class Swaps:
         self.repair(model)
         # Saved before the first assignment, so that an interruption
         # anywhere from here on is repaired.
-        self._backup = backends.online_backup(model, weights)
+        self._backup = backends.BACKEND_OPS.online_backup(model, weights)
         for weight, value in zip(weights, values, strict=True):
-            weight.assign(backends.copy_for_weight(value, weight))
+            weight.assign(backends.BACKEND_OPS.copy_for_weight(value, weight))
 
     def restore(self, model) -> None:
         backup, self._backup = self._backup, None
         if backup is not None:
-            backends.restore_backup(model, backup)
+            backends.BACKEND_OPS.restore_backup(model, backup)
 
     def repair(self, model) -> None:
         """Puts back what a swap left out, outside any block."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import pathlib
 
@@ -90,6 +91,94 @@ def test_jax_train_out_shardings_mirror_keras_make_train_function():
         assert shardings == [v.value.sharding for v in variables]
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX trainer only.")
+@pytest.mark.parametrize("jit_compile", [True, False])
+@pytest.mark.parametrize("distributed", [False, True])
+def test_jit_keras_train_step_is_keras_own_jitted_step(jit_compile, distributed):
+    # `jit_keras_train_step` copies how `JAXTrainer.make_train_function`
+    # jits the train step. A failure means that Keras now jits (or wraps)
+    # its step otherwise: the EMA's train functions would run a step that
+    # differs from Keras' own (other donation, shardings or function), and
+    # the copy must follow Keras.
+    from unittest import mock
+
+    from keras.src.backend.config import is_nnx_enabled
+    from keras.src.backend.jax import trainer as jax_trainer
+
+    # Keras' nnx branch wraps the step in a lambda; the copy omits it, as
+    # keras_ema does not support nnx.
+    assert not is_nnx_enabled()
+    scope = contextlib.nullcontext()
+    if distributed:
+        devices = keras.distribution.list_devices()
+        scope = keras.distribution.DataParallel(devices=devices).scope()
+    calls = []
+
+    def recording_jit(function, **kwargs):
+        calls.append((function, kwargs))
+        return function
+
+    with scope:
+        model = make_model(jit_compile=jit_compile)
+        model.optimizer.build(model.trainable_variables)
+        with mock.patch.object(jax_trainer, "jit", recording_jit):
+            model.make_train_function(force=True)
+        with mock.patch("jax.jit", recording_jit):
+            ours = _internals.jit_keras_train_step(model)
+    if not jit_compile:
+        assert calls == [] and ours == model.train_step
+        return
+    (keras_function, keras_kwargs), (our_function, our_kwargs) = calls
+    assert keras_function == our_function == model.train_step
+    assert keras_kwargs == our_kwargs
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX trainer only.")
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+@pytest.mark.parametrize("available", [0, 1, 2, 3, 5])
+def test_batches_takes_what_keras_iterator_step_takes(steps_per_execution, available):
+    # `batches` copies how `JAXTrainer._make_function`'s `iterator_step`
+    # takes one call's batches. A failure means that Keras now takes them
+    # otherwise, and the EMA's train functions would run other steps.
+    model = make_model(steps_per_execution=steps_per_execution)
+
+    def keras_taken():
+        taken = []
+
+        def step_function(state, data):
+            taken.append(data)
+            return None, state
+
+        iterator_step = model._make_function(step_function)
+        try:
+            iterator_step(None, iter(range(available)))
+        except StopIteration:
+            return None
+        return taken
+
+    def ours_taken():
+        try:
+            return list(_internals.batches(iter(range(available)), steps_per_execution))
+        except StopIteration:
+            return None
+
+    assert ours_taken() == keras_taken()
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's XLA op.")
+def test_tf_optimization_barrier_passes_values_through_under_xla():
+    import numpy as np
+    import tensorflow as tf
+
+    values = [tf.constant([1.5, 2.5], tf.bfloat16), tf.constant(3.0)]
+    barrier = tf.function(_internals.tf_optimization_barrier, jit_compile=True)
+    out = barrier(values)
+    assert len(out) == len(values)
+    for got, want in zip(out, values, strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_running_fit_exposes_the_callbacks_and_whether_fit_validates():
     from keras_ema import _internals
 
@@ -97,20 +186,23 @@ def test_running_fit_exposes_the_callbacks_and_whether_fit_validates():
 
     class Probe(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
-            seen["callbacks"] = _internals.fit_callbacks(self.model)
-            seen["validates"] = _internals.fit_validates(self.model)
+            context = _internals.fit_context(self.model)
+            seen["callbacks"] = context.callbacks
+            seen["validates"] = context.validates
+            seen["batch_size"] = context.batch_size
 
     model = make_model()
     x, y = make_data(16)
     probe = Probe()
-    model.fit(x, y, epochs=1, verbose=0, callbacks=[probe])
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[probe], batch_size=4)
     assert probe in seen["callbacks"] and seen["validates"] is False
+    assert seen["batch_size"] == 4
     model.fit(x, y, epochs=1, verbose=0, callbacks=[probe], validation_split=0.5)
     assert seen["validates"] is True
     model.fit(x, y, epochs=1, verbose=0, callbacks=[probe], validation_data=(x, y))
     assert seen["validates"] is True
     assert _internals.fit_callbacks(model) == []
-    assert _internals.fit_validates(model) is None
+    assert _internals.fit_context(model) == ([], None, None)
 
 
 needs_orbax_checkpoint = pytest.mark.skipif(

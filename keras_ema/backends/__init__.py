@@ -1,20 +1,19 @@
 """This backend's EMA code, chosen once at import, as Keras chooses its
-trainers.
+trainers: `BACKEND_OPS`, one `base.Backend`.
 
 Each backend has two modules: `<backend>.py` with the `Placement` and the
-`Engine` of shadows beside the weights, and `<backend>_offload.py` with the
-`HostPlacement` and `HostEngine` of shadows in host memory (see `base.py`).
-`<backend>.py` also provides the buffer operations the callback needs for
-swaps: `fresh_copy`, `copy_for_weight`, `online_backup`,
-`restore_backup`, and `start_when_built` for models built by `fit` itself;
-`held_here` says whether a value can be read on this process without
-gathering it from others, `require_orbax_support` and `orbax_target` serve
-Orbax checkpoints (`keras_ema/orbax_io.py`).
+`Engine` of shadows beside the weights and its `Backend` (the buffer
+operations the callback needs for swaps, `start_when_built` for models built
+by `fit` itself, `held_here`, and what Orbax checkpoints need), and
+`<backend>_offload.py` with the `HostPlacement` and `HostEngine` of shadows
+in host memory (see `base.py`).
 """
 
 from __future__ import annotations
 
 import keras
+
+from keras_ema.backends.base import Backend
 
 BACKEND = keras.backend.backend()
 
@@ -33,22 +32,6 @@ else:
         f"Received: backend={BACKEND!r}"
     )
 
-
-def make_placement(offload: bool):
-    """Where the EMA's variables live: beside the weights, or on the host."""
-    return _offload.HostPlacement() if offload else _backend.Placement()
-
-
-def make_engine(state):
-    """The engine that runs `state`'s updates."""
-    return (_offload.HostEngine if state.offload else _backend.Engine)(state)
-
-
-fresh_copy = _backend.fresh_copy
-copy_for_weight = _backend.copy_for_weight
-online_backup = _backend.online_backup
-restore_backup = _backend.restore_backup
-start_when_built = _backend.start_when_built
-held_here = _backend.held_here
-require_orbax_support = _backend.require_orbax_support
-orbax_target = _backend.orbax_target
+BACKEND_OPS: Backend = _backend.Backend(
+    _backend.Placement, _backend.Engine, _offload.HostPlacement, _offload.HostEngine
+)

@@ -76,9 +76,6 @@ class Placement:
     def counter_layout(self, weights):
         return None
 
-    def place_like(self, shadow, weight) -> None:
-        """Moves a new shadow where its weight lives, if it is not there."""
-
 
 class Engine:
     """Runs the updates of one `ShadowState`; see the module docstring."""
@@ -118,6 +115,11 @@ class Engine:
 
     def start_epoch(self) -> None:
         """Called at each epoch's start, when Keras has reset its metrics."""
+
+    def end_epoch(self, logs: dict) -> None:
+        """Called at each epoch's end with its logs, before other callbacks
+        read `ema_skipped` there (an engine that counts a step late corrects
+        it)."""
 
     def build_train_function(self):
         raise NotImplementedError
@@ -165,34 +167,76 @@ def gated(state) -> bool:
     )
 
 
-def start_when_built(model, start):
-    """Calls `start()` once `model` is built; every backend but TensorFlow
-    builds the model before `on_train_begin`, so there it must be built."""
-    raise ValueError(
-        "The EMA needs a built model with floating-point weights. "
-        f"Model {model.name!r} has none; build it (call it on data or "
-        "`model.build(input_shape)`) before using the callback."
-    )
+class Backend:
+    """This backend's EMA code, one object chosen at import
+    (`keras_ema.backends.BACKEND_OPS`), as Keras chooses one `Trainer`.
 
+    The defaults here serve TensorFlow and torch; each backend's module
+    subclasses it where it differs.
 
-def held_here(value) -> bool:
-    """Whether this process holds all of `value`, so that reading it into
-    NumPy gathers nothing from other processes. One process holds every
-    weight on the TensorFlow and torch backends."""
-    return True
+    Args:
+        placement: The `Placement` class of shadows beside the weights.
+        engine: The `Engine` class of shadows beside the weights.
+        host_placement: The `Placement` class of shadows in host memory.
+        host_engine: The `Engine` class of shadows in host memory.
+    """
 
+    def __init__(self, placement, engine, host_placement, host_engine):
+        self._placements = {False: placement, True: host_placement}
+        self._engines = {False: engine, True: host_engine}
 
-def require_orbax_support() -> None:
-    """Raises unless the EMA can ride along with Keras' `OrbaxCheckpoint`
-    on this backend."""
-    raise ValueError(
-        "keras_ema.EMA saves its state in `keras.callbacks.OrbaxCheckpoint` "
-        "checkpoints on the JAX backend only. On this backend, save it with "
-        "`keras.callbacks.BackupAndRestore` (it rides along with "
-        "`model.save_weights`) or `ema.save_state()`."
-    )
+    def make_placement(self, offload: bool) -> Placement:
+        """Where the EMA's variables live: beside the weights, or on the host."""
+        return self._placements[offload]()
 
+    def make_engine(self, state) -> Engine:
+        """The engine that runs `state`'s updates."""
+        return self._engines[state.offload](state)
 
-def orbax_target(variable):
-    """The abstract array Orbax restores `variable`'s value as."""
-    require_orbax_support()
+    def fresh_copy(self, value, dtype: str):
+        """A copy of `value` cast to `dtype` that shares no buffer with it."""
+        raise NotImplementedError
+
+    def copy_for_weight(self, value, weight):
+        """A fresh copy of a shadow value, cast to `weight`'s dtype (an
+        assignment copies across devices itself)."""
+        return self.fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
+
+    def online_backup(self, model, tracked) -> list:
+        """What a swap must be able to put back, as `(variable, value)`
+        pairs: a copy of each tracked weight."""
+        return copy_each_weight(tracked, self.fresh_copy)
+
+    def restore_backup(self, model, backup) -> None:
+        """Puts `online_backup`'s values back, by assignment."""
+        assign_each(model, backup)
+
+    def start_when_built(self, model, start):
+        """Calls `start()` once `model` is built; every backend but
+        TensorFlow builds the model before `on_train_begin`, so there it
+        must be built."""
+        raise ValueError(
+            "The EMA needs a built model with floating-point weights. "
+            f"Model {model.name!r} has none; build it (call it on data or "
+            "`model.build(input_shape)`) before using the callback."
+        )
+
+    def held_here(self, value) -> bool:
+        """Whether this process holds all of `value`, so that reading it
+        into NumPy gathers nothing from other processes. One process holds
+        every weight on the TensorFlow and torch backends."""
+        return True
+
+    def require_orbax_support(self) -> None:
+        """Raises unless the EMA can ride along with Keras'
+        `OrbaxCheckpoint` on this backend."""
+        raise ValueError(
+            "keras_ema.EMA saves its state in `keras.callbacks.OrbaxCheckpoint` "
+            "checkpoints on the JAX backend only. On this backend, save it with "
+            "`keras.callbacks.BackupAndRestore` (it rides along with "
+            "`model.save_weights`) or `ema.save_state()`."
+        )
+
+    def orbax_target(self, variable):
+        """The abstract array Orbax restores `variable`'s value as."""
+        self.require_orbax_support()

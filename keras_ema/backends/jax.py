@@ -13,8 +13,6 @@ where a jitted update runs; both are dispatched asynchronously.
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import keras
 import numpy as np
@@ -43,47 +41,6 @@ def fresh_copy(value, dtype):
     return copy if copy.dtype == dtype else copy.astype(dtype)
 
 
-def copy_for_weight(value, weight):
-    """A fresh copy of a shadow value, cast to `weight`'s dtype and placed
-    like it (host shadows go back to the accelerator on a swap)."""
-    copy = fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
-    sharding = getattr(weight.value, "sharding", None)
-    if sharding is not None and not copy.sharding.is_equivalent_to(sharding, copy.ndim):
-        copy = jax.device_put(copy, sharding)
-    return copy
-
-
-def online_backup(model, tracked) -> list:
-    """What a swap must be able to put back, as `(variable, value)` pairs.
-
-    The tracked weights' own arrays (never changed in place), and a copy of
-    every other model variable: Keras' JAX `evaluate` and `predict` take all
-    of them out of the model while they run and donate their arrays, so an
-    interrupted one leaves them without a value (a Dropout layer's seed
-    state, integer weights).
-    """
-    ids = {id(weight) for weight in tracked}
-    pairs = [(weight, weight.value) for weight in tracked]
-    pairs += [
-        (variable, fresh_copy(variable.value, variable.value.dtype))
-        for variable in model.variables
-        if id(variable) not in ids and variable.value is not None
-    ]
-    return pairs
-
-
-def restore_backup(model, backup) -> None:
-    """Puts `online_backup`'s values back, bit for bit.
-
-    Keras' state of an interrupted `evaluate`/`predict` is synced into the
-    model first (the public `jax_state_sync`): left pending, it would
-    overwrite the restored values at the next read of `callback.model`.
-    """
-    model.jax_state_sync()
-    for variable, value in backup:
-        variable.assign(value)
-
-
 def as_stored(values, dtypes) -> list:
     """`values` with each one narrower than its shadow's dtype read as stored.
 
@@ -107,36 +64,8 @@ def as_stored(values, dtypes) -> list:
     return values
 
 
-def held_here(value) -> bool:
-    """Whether this process holds every distinct piece of `value`, so that
-    reading it into NumPy gathers nothing from other processes (JAX refuses
-    with a `RuntimeError` otherwise). A weight replicated over the processes
-    (`DataParallel`) is held by each; one sharded over devices of several
-    processes (`ModelParallel`) is not."""
-    if not isinstance(value, jax.Array) or value.is_fully_addressable:
-        return True
-    sharding, shape = value.sharding, value.shape
-    everywhere = {_index_key(i) for i in sharding.devices_indices_map(shape).values()}
-    here = {
-        _index_key(i) for i in sharding.addressable_devices_indices_map(shape).values()
-    }
-    return here == everywhere
-
-
 def _index_key(index) -> tuple:
     return tuple((s.start, s.stop, s.step) for s in index)
-
-
-def require_orbax_support() -> None:
-    """Orbax saves and restores JAX arrays as they are sharded."""
-
-
-def orbax_target(variable):
-    """What Orbax restores `variable`'s value as: its shape and dtype, laid
-    out with its own sharding, so that each process reads only the shards
-    it holds and nothing is gathered."""
-    value = variable.value
-    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)
 
 
 def xla_guard(weights) -> Guard:
@@ -228,26 +157,6 @@ def _as_vector(sharding):
 def _replicated(shadow):
     sharding = shadow.value.sharding
     return sharding if sharding.is_fully_replicated else None
-
-
-def batches(iterator, steps_per_execution: int):
-    """The batches of one JAX `train_function` call, as Keras takes them: up
-    to `steps_per_execution`, and a `StopIteration` (the epoch's end) only
-    when there is not even one."""
-    first = next(iterator)
-    return itertools.chain([first], itertools.islice(iterator, steps_per_execution - 1))
-
-
-def jit_keras_train_step(model):
-    """Keras' own train step, jitted and donated as Keras does, or as is
-    when the model runs eagerly."""
-    if model.run_eagerly or not model.jit_compile:
-        return model.train_step
-    return jax.jit(
-        model.train_step,
-        donate_argnums=0,
-        out_shardings=_internals.jax_train_out_shardings(model),
-    )
 
 
 class Engine(base.Engine):
@@ -438,7 +347,7 @@ class Engine(base.Engine):
         def train_function(keras_state, iterator):
             keras_state = self._committed_at_first_step(keras_state)
             logs = None
-            for data in batches(iterator, steps_per_execution):
+            for data in _internals.batches(iterator, steps_per_execution):
                 logs, keras_state, self._arrays = fused_step(
                     keras_state, self.arrays(), data, self._pending
                 )
@@ -468,13 +377,13 @@ class Engine(base.Engine):
         the first `fit`'s compile time."""
         state, model = self.state, self.model
         locate = _internals.jax_state_weights(model, state.weights)
-        keras_step = jit_keras_train_step(model)
+        keras_step = _internals.jit_keras_train_step(model)
         steps_per_execution = model.steps_per_execution
 
         def train_function(keras_state, iterator):
             keras_state = self._committed_at_first_step(keras_state)
             logs = None
-            for data in batches(iterator, steps_per_execution):
+            for data in _internals.batches(iterator, steps_per_execution):
                 host = self._host_step()
                 logs, keras_state = keras_step(keras_state, data)
                 if host.count_step() is None:
@@ -532,4 +441,76 @@ class Engine(base.Engine):
                 shadow.assign(value)
 
 
-start_when_built = base.start_when_built
+class Backend(base.Backend):
+    """The JAX backend's buffer operations (see `base.Backend`)."""
+
+    def fresh_copy(self, value, dtype):
+        return fresh_copy(value, dtype)
+
+    def copy_for_weight(self, value, weight):
+        """A fresh copy of a shadow value, cast to `weight`'s dtype and placed
+        like it (host shadows go back to the accelerator on a swap)."""
+        copy = fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
+        sharding = getattr(weight.value, "sharding", None)
+        if sharding is not None and not copy.sharding.is_equivalent_to(
+            sharding, copy.ndim
+        ):
+            copy = jax.device_put(copy, sharding)
+        return copy
+
+    def online_backup(self, model, tracked) -> list:
+        """What a swap must be able to put back, as `(variable, value)` pairs.
+
+        The tracked weights' own arrays (never changed in place), and a copy of
+        every other model variable: Keras' JAX `evaluate` and `predict` take all
+        of them out of the model while they run and donate their arrays, so an
+        interrupted one leaves them without a value (a Dropout layer's seed
+        state, integer weights).
+        """
+        ids = {id(weight) for weight in tracked}
+        pairs = [(weight, weight.value) for weight in tracked]
+        pairs += [
+            (variable, fresh_copy(variable.value, variable.value.dtype))
+            for variable in model.variables
+            if id(variable) not in ids and variable.value is not None
+        ]
+        return pairs
+
+    def restore_backup(self, model, backup) -> None:
+        """Puts `online_backup`'s values back, bit for bit.
+
+        Keras' state of an interrupted `evaluate`/`predict` is synced into the
+        model first (the public `jax_state_sync`): left pending, it would
+        overwrite the restored values at the next read of `callback.model`.
+        """
+        model.jax_state_sync()
+        for variable, value in backup:
+            variable.assign(value)
+
+    def held_here(self, value) -> bool:
+        """Whether this process holds every distinct piece of `value`, so that
+        reading it into NumPy gathers nothing from other processes (JAX refuses
+        with a `RuntimeError` otherwise). A weight replicated over the processes
+        (`DataParallel`) is held by each; one sharded over devices of several
+        processes (`ModelParallel`) is not."""
+        if not isinstance(value, jax.Array) or value.is_fully_addressable:
+            return True
+        sharding, shape = value.sharding, value.shape
+        everywhere = {
+            _index_key(i) for i in sharding.devices_indices_map(shape).values()
+        }
+        here = {
+            _index_key(i)
+            for i in sharding.addressable_devices_indices_map(shape).values()
+        }
+        return here == everywhere
+
+    def require_orbax_support(self) -> None:
+        """Orbax saves and restores JAX arrays as they are sharded."""
+
+    def orbax_target(self, variable):
+        """What Orbax restores `variable`'s value as: its shape and dtype, laid
+        out with its own sharding, so that each process reads only the shards
+        it holds and nothing is gathered."""
+        value = variable.value
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=value.sharding)

@@ -15,8 +15,6 @@ import numpy as np
 from keras_ema import _internals
 from keras_ema import update
 from keras_ema.backends import base
-from keras_ema.backends.jax import batches
-from keras_ema.backends.jax import jit_keras_train_step
 from keras_ema.guard import Guard
 from keras_ema.steps import HostCounters
 from keras_ema.steps import OptimizerSteps
@@ -119,12 +117,12 @@ class HostEngine(base.Engine):
         locate = _internals.jax_state_weights(model, state.weights)
         self._steps = steps = OptimizerSteps(model.optimizer)
         iterations_of = _internals.jax_state_optimizer_variable(model, steps.iterations)
-        keras_train_step = jit_keras_train_step(model)
+        keras_train_step = _internals.jit_keras_train_step(model)
         steps_per_execution = model.steps_per_execution
 
         def train_function(keras_state, iterator):
             logs = decays = None
-            for data in batches(iterator, steps_per_execution):
+            for data in _internals.batches(iterator, steps_per_execution):
                 logs, keras_state = keras_train_step(keras_state, data)
                 moved = steps.follow(iterations_of(keras_state))
                 decays = self.step(moved, locate(keras_state))

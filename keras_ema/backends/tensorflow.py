@@ -38,23 +38,10 @@ def fresh_copy(value, dtype):
     return tf.identity(tf.cast(tf.convert_to_tensor(value), dtype))
 
 
-def copy_for_weight(value, weight):
-    # Assignments copy across devices themselves.
-    return fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
-
-
 def read(variable):
     """The variable's value now (a variable used as a tensor is only read
     when an op consumes it)."""
     return tf.identity(variable.value)
-
-
-def online_backup(model, tracked) -> list:
-    """A copy of each tracked weight, as `(variable, value)` pairs."""
-    return base.copy_each_weight(tracked, fresh_copy)
-
-
-restore_backup = base.assign_each
 
 
 class Placement(base.Placement):
@@ -107,11 +94,8 @@ def as_stored(values, dtypes) -> list:
     ]
     if not narrow:
         return list(values)
-    # TF's own XLA op; it has no public name.
-    from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
-
     values = list(values)
-    stored = optimization_barrier(*[values[i] for i in narrow])
+    stored = _internals.tf_optimization_barrier([values[i] for i in narrow])
     for i, value in zip(narrow, stored, strict=True):
         values[i] = value
     return values
@@ -350,34 +334,35 @@ class Engine(base.Engine):
         self._eager_update()
 
 
-def start_when_built(model, start):
-    """Calls `start()` once `model` is built, before its first train step.
+class Backend(base.Backend):
+    """The TensorFlow backend's buffer operations (see `base.Backend`)."""
 
-    TensorFlow defers building a model that was never called to the first
-    trace of its train function, which comes after `on_train_begin`. The
-    train function is wrapped for its first call: the model (and its
-    optimizer) is built symbolically from the data's element spec, as Keras
-    does under a `tf.distribute` strategy, then `start()` installs the EMA,
-    which then runs the step. Returns the function that undoes the wrapping
-    if no step ran.
-    """
-    keras_train_function = model.train_function
+    def fresh_copy(self, value, dtype):
+        return fresh_copy(value, dtype)
 
-    def train_function(iterator):
-        model.train_function = keras_train_function
-        _internals.build_from_element_spec(model, iterator.element_spec)
-        start()
-        return model.train_function(iterator)
+    def start_when_built(self, model, start):
+        """Calls `start()` once `model` is built, before its first train step.
 
-    model.train_function = train_function
+        TensorFlow defers building a model that was never called to the first
+        trace of its train function, which comes after `on_train_begin`. The
+        train function is wrapped for its first call: the model (and its
+        optimizer) is built symbolically from the data's element spec, as Keras
+        does under a `tf.distribute` strategy, then `start()` installs the EMA,
+        which then runs the step. Returns the function that undoes the wrapping
+        if no step ran.
+        """
+        keras_train_function = model.train_function
 
-    def undo() -> None:
-        if model.train_function is train_function:
+        def train_function(iterator):
             model.train_function = keras_train_function
+            _internals.build_from_element_spec(model, iterator.element_spec)
+            start()
+            return model.train_function(iterator)
 
-    return undo
+        model.train_function = train_function
 
+        def undo() -> None:
+            if model.train_function is train_function:
+                model.train_function = keras_train_function
 
-held_here = base.held_here
-require_orbax_support = base.require_orbax_support
-orbax_target = base.orbax_target
+        return undo

@@ -39,19 +39,6 @@ def fresh_copy(value, dtype):
     return value.detach().to(dtype=getattr(torch, dtype), copy=True)
 
 
-def copy_for_weight(value, weight):
-    # Assignments copy across devices themselves.
-    return fresh_copy(value, keras.backend.standardize_dtype(weight.dtype))
-
-
-def online_backup(model, tracked) -> list:
-    """A copy of each tracked weight, as `(variable, value)` pairs."""
-    return base.copy_each_weight(tracked, fresh_copy)
-
-
-restore_backup = base.assign_each
-
-
 class Placement(base.Placement):
     def check(self, model, weights) -> None:
         """Keras' torch trainer runs on one device and ignores
@@ -337,7 +324,8 @@ class Engine(base.Engine):
         return train_function
 
 
-start_when_built = base.start_when_built
-held_here = base.held_here
-require_orbax_support = base.require_orbax_support
-orbax_target = base.orbax_target
+class Backend(base.Backend):
+    """The torch backend's buffer operations (see `base.Backend`)."""
+
+    def fresh_copy(self, value, dtype):
+        return fresh_copy(value, dtype)

@@ -73,6 +73,12 @@ class HostEngine(Engine):
         self.finish()
         super().flush()
 
+    def end_epoch(self, logs: dict) -> None:
+        # The last batch's log does not count the due step still pending.
+        if "ema_skipped" in logs:
+            self.flush()
+            logs["ema_skipped"] = int(keras.ops.convert_to_numpy(self.state.skipped))
+
     def reload(self) -> None:
         # The variables were written from outside (a loaded state): an update
         # still waiting for its copy belongs to the state they replaced.

@@ -2,7 +2,7 @@
 
 - `base`: the `Schedule` interface, a pure function of the step;
 - `conversions`: `sigma_rel` <-> `gamma` of the power-function EMA;
-- `warmup`: `WarmupSchedule`, the reference article's warm-up;
+- `warmup`: `WarmupSchedule`, ema-pytorch's warm-up;
 - `periodic`: `BiasCorrectedSchedule`, `PowerFunctionSchedule`,
   `HalfLifeSchedule`, which update after every `update_every`-th step;
 - `serialization`: schedules to and from configs.

@@ -90,7 +90,8 @@ class BiasCorrectedSchedule(_PeriodicSchedule):
 
     An EMA started at zero, `z_n = beta * z_(n-1) + (1 - beta) * x_n`, is
     biased towards zero; dividing it by `1 - beta**n` after its n-th update
-    removes the bias (the reference article, section 2.2; Adam corrects its
+    removes the bias (section 2.2 of the article "EMA in deep learning:
+    principles, implementation and experiments"; Adam corrects its
     moments the same way). This schedule keeps the corrected value itself:
     after the n-th update the shadow is exactly `z_n / (1 - beta**n)`, which
     as an update of the previous shadow is a step towards the online weights

@@ -1,5 +1,7 @@
-"""`WarmupSchedule`: the warm-up EMA of the reference article, whose decay
-grows from 0 towards `beta` after `update_after_step` steps of copies."""
+"""`WarmupSchedule`: the warm-up EMA of ema-pytorch's `EMA` (the reference
+class of the article "EMA in deep learning: principles, implementation and
+experiments"), whose decay grows from 0 towards `beta` after
+`update_after_step` steps of copies."""
 
 from __future__ import annotations
 
@@ -48,22 +50,23 @@ class WarmupSchedule(Schedule):
             )
 
     @property
-    def first_average_step(self) -> int:
-        """The first due step (as a count of steps before it) after the
-        warm-up: the article's update there copies every weight first
-        (its `initted` flag)."""
+    def last_copy_offset(self) -> int:
+        """`t - 1` of the last due step whose update copies every weight:
+        the first due step after the warm-up, where ema-pytorch's update
+        copies every weight first (its `initted` flag)."""
         return (self.update_after_step // self.update_every + 1) * self.update_every
 
     def is_due(self, t: int) -> bool:
-        # The article updates when the steps before this one are a multiple
+        # ema-pytorch updates when the steps before this one are a multiple
         # of `update_every`.
         return (t - 1) % self.update_every == 0
 
     def copies_all(self, t: int) -> bool:
-        return self.is_due(t) and t - 1 <= self.first_average_step
+        return self.is_due(t) and t - 1 <= self.last_copy_offset
 
     def first_averaging_step(self) -> int:
-        return self.first_average_step + self.update_every + 1
+        # The due step after the last copy.
+        return self.last_copy_offset + self.update_every + 1
 
     def weight(self, t: int) -> float:
         elapsed = max(int(t) - self.update_after_step - 1, 0)
@@ -75,7 +78,7 @@ class WarmupSchedule(Schedule):
     def decay(self, step: int) -> float:
         """The decay used by an update once the counter has reached `step`.
 
-        This is the article's `get_current_decay()`: `step` is the counter
+        This is ema-pytorch's `EMA.get_current_decay()`: `step` is the counter
         value *after* it was advanced by the update that uses the decay.
         """
         elapsed = max(int(step) - self.update_after_step - 1, 0)
@@ -89,7 +92,7 @@ class WarmupSchedule(Schedule):
 
     def compiled_copies_all(self, t):
         return ops.logical_and(
-            self.compiled_is_due(t), ops.less_equal(t - 1, self.first_average_step)
+            self.compiled_is_due(t), ops.less_equal(t - 1, self.last_copy_offset)
         )
 
     def compiled_weight(self, t):
