@@ -21,11 +21,12 @@ from keras_ema.schedule import Schedule
 from keras_ema.state import Filters
 from keras_ema.state import ShadowState
 from keras_ema.state import check_names
+from keras_ema.state import check_offload
 from keras_ema.state_files import StateFiles
 from keras_ema.state_files import require_held_here
 from keras_ema.swaps import Swaps
-
-_VALIDATE_OPTIONS = ("both", "ema")
+from keras_ema.swaps import as_model_arrays
+from keras_ema.swaps import model_values
 
 
 class EMA(StateFiles, keras.callbacks.Callback):
@@ -164,18 +165,8 @@ class EMA(StateFiles, keras.callbacks.Callback):
         self.ignore_startswith_names = check_names(
             "ignore_startswith_names", ignore_startswith_names
         )
-        if not isinstance(offload_to_host, bool):
-            raise ValueError(
-                "`offload_to_host` must be a boolean. "
-                f"Received: offload_to_host={offload_to_host!r}"
-            )
-        self.offload_to_host = offload_to_host
-        if validate not in _VALIDATE_OPTIONS:
-            raise ValueError(
-                f"`validate` must be one of {_VALIDATE_OPTIONS}. "
-                f"Received: validate={validate!r}"
-            )
-        self.validate = validate
+        self.offload_to_host = check_offload(offload_to_host)
+        self.validate = val_ema.check_validate(validate)
         self._state = None
         self._engine = None
         self._swaps = Swaps()
@@ -253,23 +244,10 @@ class EMA(StateFiles, keras.callbacks.Callback):
         """
         index = self._profile_index(profile)
         state = self._flushed_state()
-        shadows = {
-            id(w): s
-            for w, s in zip(state.weights, state.profiles[index].shadows, strict=True)
-        }
-        values = [
-            (weight.path, shadows.get(id(weight), weight).value)
-            for weight in self.model.weights
-        ]
+        shadows = state.profiles[index].shadows
+        values = model_values(self.model, state.weights, shadows)
         require_held_here("get_weights()", values)
-        result = []
-        for weight, (_, value) in zip(self.model.weights, values, strict=True):
-            result.append(
-                ops.convert_to_numpy(value).astype(
-                    keras.backend.standardize_dtype(weight.dtype)
-                )
-            )
-        return result
+        return as_model_arrays(self.model, values)
 
     @contextlib.contextmanager
     def swap_weights(self, profile: str | None = None) -> Iterator[keras.Model]:
@@ -501,15 +479,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         self._swapped_profile = index
 
     def _profile_index(self, profile: str | None) -> int:
-        names = self.profile_names
-        if profile is None:
-            return 0
-        if profile not in names or not profile:
-            raise ValueError(
-                f"`profile` must be one of {[n for n in names if n]} or None. "
-                f"Received: profile={profile!r}"
-            )
-        return names.index(profile)
+        return profiles_.profile_index(self.profile_names, profile)
 
     def _require_online_weights(self, action: str) -> None:
         if self._swaps.in_block:

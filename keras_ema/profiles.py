@@ -15,6 +15,18 @@ WARMUP_DEFAULTS = {
 }
 
 
+def profile_index(names: list[str], profile: str | None) -> int:
+    """The position of `profile` among `names`; `None` is the first."""
+    if profile is None:
+        return 0
+    if profile not in names or not profile:
+        raise ValueError(
+            f"`profile` must be one of {[n for n in names if n]} or None. "
+            f"Received: profile={profile!r}"
+        )
+    return names.index(profile)
+
+
 def from_arguments(warmup: dict, schedule, profiles) -> list:
     """`(name, schedule)` pairs from `EMA`'s arguments, validated."""
     if schedule is None and profiles is None:

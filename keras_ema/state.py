@@ -55,6 +55,16 @@ def check_names(name: str, value) -> tuple[str, ...]:
     return names
 
 
+def check_offload(offload_to_host) -> bool:
+    """Checks `EMA`'s `offload_to_host` argument."""
+    if not isinstance(offload_to_host, bool):
+        raise ValueError(
+            "`offload_to_host` must be a boolean. "
+            f"Received: offload_to_host={offload_to_host!r}"
+        )
+    return offload_to_host
+
+
 def tracked_weights(model, trainable_only: bool = False) -> list:
     """The floating-point weights of `model` (only the trainable ones with
     `trainable_only`), in `model.weights` order."""

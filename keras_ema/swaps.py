@@ -14,6 +14,9 @@ import contextlib
 from collections.abc import Callable
 from collections.abc import Iterator
 
+import keras
+from keras import ops
+
 from keras_ema import backends
 
 
@@ -74,3 +77,25 @@ class Swaps:
         if self._hook_swapped:
             self._hook_swapped = False
             self.restore(model)
+
+
+def model_values(model, weights, shadows) -> list:
+    """`(path, value)` pairs aligned with `model.weights`: the shadow's value
+    where a weight is tracked (`weights`, aligned with `shadows`), the
+    model's own value elsewhere."""
+    by_weight = {id(w): s for w, s in zip(weights, shadows, strict=True)}
+    return [
+        (weight.path, by_weight.get(id(weight), weight).value)
+        for weight in model.weights
+    ]
+
+
+def as_model_arrays(model, values) -> list:
+    """`model_values`' values as NumPy arrays of the weights' dtypes, as
+    `model.get_weights()` returns them."""
+    return [
+        ops.convert_to_numpy(value).astype(
+            keras.backend.standardize_dtype(weight.dtype)
+        )
+        for weight, (_, value) in zip(model.weights, values, strict=True)
+    ]

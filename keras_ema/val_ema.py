@@ -5,6 +5,18 @@ from __future__ import annotations
 
 from keras_ema import _internals
 
+VALIDATE_OPTIONS = ("both", "ema")
+
+
+def check_validate(validate: str) -> str:
+    """Checks `EMA`'s `validate` argument."""
+    if validate not in VALIDATE_OPTIONS:
+        raise ValueError(
+            f"`validate` must be one of {VALIDATE_OPTIONS}. "
+            f"Received: validate={validate!r}"
+        )
+    return validate
+
 
 def evaluate_online_and_ema(ema, keras_evaluate, args, kwargs):
     """Keras' `evaluate` as `fit` calls it for validation, with `val_ema_*`.
