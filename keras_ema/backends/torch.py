@@ -209,7 +209,7 @@ class _Blender:
         """Blends from `onlines` (each group's weights, flat)."""
         with torch.no_grad():
             if self.on_host:
-                for profile, weights in self.due_and_finite(
+                for profile, weights in self.due_or_count_skipped(
                     onlines, weights_per_profile
                 ):
                     for group, online in zip(self.groups, onlines, strict=True):
@@ -223,7 +223,7 @@ class _Blender:
                     group.blend(profile, online, weights, finite)
             self.state.skipped.value.add_((~finite).to(torch.int32))
 
-    def due_and_finite(self, checked, weights_per_profile) -> list:
+    def due_or_count_skipped(self, checked, weights_per_profile) -> list:
         """Each due profile's `(index, weights)` where every value of
         `checked` is finite (read on the host); otherwise none, and the step
         is counted in `skipped` here."""
@@ -302,7 +302,7 @@ class Engine(base.Engine):
         # `weight.value`, without a property lookup per weight.
         views = (view for group in groups for view in group.views)
         with torch.no_grad():
-            for profile, weights in self.blender.due_and_finite(
+            for profile, weights in self.blender.due_or_count_skipped(
                 views, weights_per_profile
             ):
                 for group in groups:
