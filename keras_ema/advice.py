@@ -52,6 +52,18 @@ def warn_about_setup(ema, model, fit: _internals.FitContext) -> None:
         )
 
 
+def warn_if_first_skipped(skipped: int, warned_at: int) -> None:
+    """At an epoch's end: the first update skipped for a NaN or Inf weight
+    (`skipped` updates so far, `warned_at` when the last warning came)."""
+    if skipped > warned_at == 0:
+        warnings.warn(
+            "keras_ema.EMA skipped an update because a model weight was "
+            "NaN or infinite; the shadows were left unchanged. Skipped "
+            "updates are counted in the `ema_skipped` log.",
+            stacklevel=3,
+        )
+
+
 def warn_if_never_averaged(step: int, schedules) -> None:
     """At the end of `fit`: an EMA still a copy of the weights."""
     first = min(schedule.first_averaging_step() for schedule in schedules)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -377,13 +376,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         if logs is not None and self._state is not None:
             self._engine.end_epoch(logs)
         skipped = int((logs or {}).get("ema_skipped", 0))
-        if skipped > self._warned_skipped == 0:
-            warnings.warn(
-                "keras_ema.EMA skipped an update because a model weight was "
-                "NaN or infinite; the shadows were left unchanged. Skipped "
-                "updates are counted in the `ema_skipped` log.",
-                stacklevel=2,
-            )
+        advice.warn_if_first_skipped(skipped, self._warned_skipped)
         self._warned_skipped = max(self._warned_skipped, skipped)
 
     def on_train_end(self, logs=None) -> None:
