@@ -109,14 +109,14 @@ class Engine(base.Engine):
         copy = base.host_copy
         return [self._unpacked(packed, copy, copy) for packed in shadows]
 
-    def _unpacked(self, packed, whole, flaton_host) -> list:
+    def _unpacked(self, packed, whole, flat_on_host) -> list:
         """Each shadow's value from one profile's packed arrays, compiling
         nothing: packed groups (small by construction) are brought to the
-        host by `flaton_host` and sliced there, the others copied by
+        host by `flat_on_host` and sliced there, the others copied by
         `whole`. A jitted unpack would be compiled at the end of every
         model's first `fit`."""
         arrays = [
-            flaton_host(array) if flat else whole(array)
+            flat_on_host(array) if flat else whole(array)
             for flat, array in zip(self.packing.flat, packed, strict=True)
         ]
         return self.packing.unpack(arrays, reshape=np.reshape)

@@ -135,7 +135,7 @@ def as_vector(sharding):
 
 def replicated(shadow):
     sharding = shadow.value.sharding
-    return sharding if sharding.is_fullyreplicated else None
+    return sharding if sharding.is_fully_replicated else None
 
 
 class Backend(base.Backend):
