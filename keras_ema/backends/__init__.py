@@ -9,7 +9,7 @@ swaps: `fresh_copy`, `copy_for_weight`, `online_backup`,
 `restore_backup`, and `start_when_built` for models built by `fit` itself;
 `held_here` says whether a value can be read on this process without
 gathering it from others, `require_orbax_support` and `orbax_target` serve
-Orbax checkpoints (`keras_ema/orbax_io.py`).
+Orbax checkpoints (`keras_ema/saving/orbax_state.py`).
 """
 
 from __future__ import annotations

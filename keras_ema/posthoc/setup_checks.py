@@ -12,7 +12,7 @@ import keras
 
 from keras_ema.checks import check_int_at_least
 from keras_ema.host_counters import optimizer_step_rule
-from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
+from keras_ema.posthoc.format import SNAPSHOT_DTYPES
 from keras_ema.schedule import checked_sigma_rels
 
 
