@@ -171,10 +171,16 @@ def model_checkpoint_save(checkpoint, epoch, batch, logs) -> None:
     checkpoint._save_model(epoch=epoch, batch=batch, logs=logs)
 
 
+def optional_orbax_checkpoint_class() -> type | None:
+    """`keras.callbacks.OrbaxCheckpoint`, or `None` before Keras 3.14 (looked
+    up at each call: the one place that asks whether Keras has it)."""
+    return getattr(keras.callbacks, "OrbaxCheckpoint", None)
+
+
 def orbax_checkpoint_class() -> type:
     """`keras.callbacks.OrbaxCheckpoint`, or a `ValueError` naming the
     installed Keras, which has none before 3.14."""
-    checkpoint_class = getattr(keras.callbacks, "OrbaxCheckpoint", None)
+    checkpoint_class = optional_orbax_checkpoint_class()
     if checkpoint_class is None:
         raise ValueError(
             "Orbax checkpoints need `keras.callbacks.OrbaxCheckpoint`, which "

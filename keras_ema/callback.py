@@ -13,22 +13,22 @@ from keras import ops
 from keras_ema import _internals
 from keras_ema import advice
 from keras_ema import backends
-from keras_ema import backup
 from keras_ema import profiles as profiles_
 from keras_ema import val_ema
+from keras_ema.saving import sidecars
+from keras_ema.saving.store import StateStore
+from keras_ema.saving.store import require_held_here
 from keras_ema.schedule import Schedule
 from keras_ema.state import Filters
 from keras_ema.state import ShadowState
 from keras_ema.state import check_names
 from keras_ema.state import check_offload
-from keras_ema.state_files import StateFiles
-from keras_ema.state_files import require_held_here
 from keras_ema.swaps import Swaps
 from keras_ema.swaps import as_model_arrays
 from keras_ema.swaps import model_values
 
 
-class EMA(StateFiles, keras.callbacks.Callback):
+class EMA(keras.callbacks.Callback):
     """Keeps an exponential moving average (EMA) of a model's weights.
 
     The average uses the inverse-gamma warm-up of ema-pytorch: for the first
@@ -130,6 +130,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
     _trainable_only = False
     # The `get_config()` entries a loaded state file may differ in without a
     # warning; subclasses add their own.
+    _UNCOMPARED_OPTIONS: tuple = ("offload_to_host", "validate")
 
     def __init__(
         self,
@@ -175,6 +176,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         self._in_fit = False
         self._unwrap_evaluate = None
         self._warned_skipped = 0
+        self.state_store = StateStore(self, self._UNCOMPARED_OPTIONS)
 
     # ------------------------------------------------------------------
     # Public surface
@@ -292,7 +294,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         `ValueError` names `keras.callbacks.OrbaxCheckpoint`, which saves the
         EMA with each process writing its own shards.
         """
-        self._write_state(path)
+        self.state_store.write(path)
 
     def load_state(self, path: str) -> None:
         """Restores what `save_state` wrote, after checking all of it.
@@ -309,7 +311,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         also a `ValueError`. Across JAX processes, each process reads the
         whole file and keeps the shards it holds.
         """
-        self._apply_state(*self._read_state(path))
+        self.state_store.apply(*self.state_store.read(path))
 
     def get_config(self) -> dict:
         return {
@@ -341,7 +343,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
             )
         self._finish_training()
         super().set_model(model)
-        backup.attach(model, self)
+        sidecars.attach(model, self)
         if self._state is None and model.built:
             self._create_state()
 
@@ -349,7 +351,7 @@ class EMA(StateFiles, keras.callbacks.Callback):
         self._require_online_weights("fit")
         fit = _internals.fit_context(self.model)
         advice.refuse_another_ema(self, fit, EMA)
-        backup.ride_along_orbax(self.model, fit.callbacks)
+        sidecars.ride_along_orbax(self.model, fit.callbacks)
         self._fit_schedules = [
             schedule.in_steps((self.params or {}).get("steps"), fit.batch_size)
             for _, schedule in self._profiles

@@ -75,7 +75,9 @@ class EMAModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 # Keras before 3.14 has no `OrbaxCheckpoint`: there the class below still
 # exists, and constructing it raises a `ValueError` naming the Keras version.
-_OrbaxCheckpoint = getattr(keras.callbacks, "OrbaxCheckpoint", keras.callbacks.Callback)
+_OrbaxCheckpoint = (
+    _internals.optional_orbax_checkpoint_class() or keras.callbacks.Callback
+)
 
 
 class EMAOrbaxCheckpoint(_OrbaxCheckpoint):

@@ -271,3 +271,4 @@ def test_orbax_checkpoint_class_names_the_keras_version(monkeypatch):
         ValueError, match=f"3.14 on. Installed: Keras {keras.__version__}"
     ):
         _internals.orbax_checkpoint_class()
+    assert _internals.optional_orbax_checkpoint_class() is None

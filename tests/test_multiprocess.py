@@ -38,7 +38,7 @@ from conftest import make_data
 from conftest import make_model
 
 import keras_ema
-from keras_ema import state_io
+from keras_ema.saving import npz_state
 
 HARNESS = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "multiprocess_harness.py"
@@ -258,7 +258,7 @@ def test_data_parallel_across_processes_equals_one_process(runs):
             got = [weights[f"arr_{k}"] for k in range(len(weights.files))]
         assert_profiles_close([slow], [got])
         path = os.path.join(out, f"data_state.process{i}.npz")
-        header, arrays = state_io.read(path)
+        header, arrays = npz_state.read(path)
         assert header["step"] == reference["first_step"]
         assert [v["path"] for v in header["variables"]] == reference["paths"]
         assert_profiles_close(reference["first"], arrays)
@@ -298,7 +298,7 @@ def test_sharded_get_weights_and_save_state_raise_value_errors(runs):
 
 def test_load_state_across_processes_keeps_each_shard_on_its_process(runs):
     out, reference = runs
-    _, saved = state_io.read(os.path.join(out, "reference_state.npz"))
+    _, saved = npz_state.read(os.path.join(out, "reference_state.npz"))
     loaded = assembled(out, "loaded")
     for want, got in zip(saved, loaded, strict=True):
         for a, b in zip(want, got, strict=True):

@@ -26,8 +26,8 @@ from conftest import make_model
 from keras import ops
 
 import keras_ema
-from keras_ema import backup
-from keras_ema import orbax_io
+from keras_ema.saving import orbax_state
+from keras_ema.saving import sidecars
 
 
 def _orbax_installed() -> bool:
@@ -143,7 +143,7 @@ def test_resume_from_orbax_checkpoint_equals_uninterrupted(tmp_path):
     # latest step is kept.
     fit(model, [ema, probe, keras.callbacks.OrbaxCheckpoint(directory)], epochs=2)
     assert sorted(os.listdir(directory)) == ["1"]
-    assert orbax_io.NAME in os.listdir(os.path.join(directory, "1"))
+    assert orbax_state.NAME in os.listdir(os.path.join(directory, "1"))
     saved_step, saved_ema, _ = probe.seen[1]
 
     # A new process would do the same: build, attach the EMA, load, fit on.
@@ -250,7 +250,7 @@ def test_load_weights_refuses_a_damaged_ema_state_first(tmp_path, damage):
     model = make_model()
     ema = keras_ema.EMA(profiles=profiles())
     ema.set_model(model)
-    tree = ema._orbax_state()
+    tree = ema.state_store.orbax_tree()
     if damage == "header":
         tree["header"] = '{"format": "something else"}'
         match = "not a valid keras_ema state: its header does not name"
@@ -389,6 +389,6 @@ def test_other_backends_refuse_an_orbax_checkpoint_in_fit():
     ema.set_model(model)
     weights, before = float_weights(model), profile_values(ema)
     with pytest.raises(ValueError, match="on the JAX backend only"):
-        backup.ride_along_orbax(model, [ema, checkpoint])
+        sidecars.ride_along_orbax(model, [ema, checkpoint])
     assert_bit_equal(weights, float_weights(model))
     assert_bit_equal(before, profile_values(ema))

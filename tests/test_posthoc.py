@@ -24,7 +24,7 @@ from oracle import sigma_rel_to_gamma_by_bisection
 
 import keras_ema
 from keras_ema import posthoc
-from keras_ema import state_io
+from keras_ema.saving import npz_state
 
 TRACKED = (0.05, 0.10)
 
@@ -514,14 +514,14 @@ def test_the_run_id_travels_with_the_state_file(tmp_path):
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[callback])
     path = str(tmp_path / "ema.npz")
     callback.save_state(path)
-    header, _ = state_io.read(path)
-    assert state_io.extra(header) == {"posthoc_run_id": callback.run_id}
+    header, _ = npz_state.read(path)
+    assert npz_state.extra(header) == {"posthoc_run_id": callback.run_id}
     other = keras_ema.PostHocEMA(tmp_path / "s", snapshot_every=3, verbose=0)
     other.set_model(model)
     other.load_state(path)
     assert other.run_id == callback.run_id and other.step == 6
     # A state file without the run id (as an older one) keeps the callback's.
-    state_io.save(path, other._state, other.get_config())
+    npz_state.save(path, other._state, other.get_config())
     third = keras_ema.PostHocEMA(tmp_path / "s", snapshot_every=3, verbose=0)
     third.set_model(model)
     own = third.run_id

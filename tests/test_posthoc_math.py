@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import keras_ema
 from keras_ema import posthoc
-from keras_ema.posthoc import encoding
+from keras_ema.posthoc import format as snapshot_format
 from keras_ema.posthoc import reader
 
 GAMMA = {0.05: 16.972198602303447, 0.07: 11.244939447857924, 0.10: 6.937203937601809}
@@ -409,11 +409,13 @@ def test_bfloat16_rounding_matches_ml_dtypes():
     )
     values = np.concatenate([bits, special]).view(np.float32)
     finite = values[~np.isnan(values)]
-    ours = encoding._bfloat16_bits(finite)
+    ours = snapshot_format._bfloat16_bits(finite)
     expected = finite.astype(ml_dtypes.bfloat16).view(np.uint16)
     np.testing.assert_array_equal(ours, expected)
     nans = values[np.isnan(values)]
-    assert np.isnan(encoding._bfloat16_to_float32(encoding._bfloat16_bits(nans))).all()
+    assert np.isnan(
+        snapshot_format._bfloat16_to_float32(snapshot_format._bfloat16_bits(nans))
+    ).all()
 
 
 def test_bfloat16_buffers_round_trip(tmp_path):

@@ -22,7 +22,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import keras_ema
-from keras_ema.backup import sidecar_path
+from keras_ema.saving.sidecars import sidecar_path
 
 HP = dict(beta=0.99, update_after_step=2, update_every=1)
 

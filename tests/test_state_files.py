@@ -14,7 +14,8 @@ from conftest import ema_values
 from conftest import make_data
 
 import keras_ema
-from keras_ema.backup import sidecar_path
+from keras_ema.saving import atomic
+from keras_ema.saving.sidecars import sidecar_path
 
 HP = dict(beta=0.99, update_after_step=2, update_every=1)
 
@@ -280,3 +281,35 @@ def test_ema_model_checkpoint_refuses_an_ema_of_another_model(tmp_path):
     ema.set_model(make_auto_named_model())
     checkpoint = keras_ema.EMAModelCheckpoint(ema, str(tmp_path / "m.keras"))
     fit_without_the_ema(model, checkpoint)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links and folder fsync")
+def test_state_files_and_snapshots_share_one_atomic_write(tmp_path, monkeypatch):
+    # Every temporary name taken, one by a link that points elsewhere: the
+    # write gives up after a bounded number of names and follows no link.
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda _: "0" * 16)
+    target = tmp_path / "elsewhere"
+    for name in ("ema.npz", "snapshot-000000000004.npz"):
+        os.symlink(target, tmp_path / f".{name}.{'0' * 16}.tmp")
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    with pytest.raises(FileExistsError, match="No free temporary file name"):
+        ema.save_state(str(tmp_path / "ema.npz"))
+    with pytest.raises(FileExistsError, match="No free temporary file name"):
+        keras_ema.posthoc.write_snapshot(tmp_path, 4, (0.05,), 1, {}, {}, "f", "r")
+    assert not target.exists()
+    monkeypatch.undo()
+
+    # Otherwise the file, then its folder, are synced.
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(handle):
+        synced.append(stat.S_ISDIR(os.fstat(handle).st_mode))
+        real_fsync(handle)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ema.save_state(str(tmp_path / "ema.npz"))
+    keras_ema.posthoc.write_snapshot(tmp_path, 4, (0.05,), 1, {}, {}, "f", "r")
+    assert synced == [False, True, False, True]

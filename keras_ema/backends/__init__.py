@@ -4,9 +4,9 @@ trainers: `BACKEND_OPS`, one `base.Backend`.
 Each backend has two modules: `<backend>.py` with the `Placement` and the
 `Engine` of shadows beside the weights and its `Backend` (the buffer
 operations the callback needs for swaps, `start_when_built` for models built
-by `fit` itself, `held_here`, and what Orbax checkpoints need), and
-`<backend>_offload.py` with the `HostPlacement` and `HostEngine` of shadows
-in host memory (see `base.py`).
+by `fit` itself, `held_here`, and what Orbax checkpoints need, see
+`keras_ema/saving/orbax_state.py`), and `<backend>_offload.py` with the
+`HostPlacement` and `HostEngine` of shadows in host memory (see `base.py`).
 """
 
 from __future__ import annotations

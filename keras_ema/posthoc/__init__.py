@@ -7,14 +7,18 @@ Afterwards `PostHocRun` mixes the snapshots linearly into the EMA of any other
 relative width `sigma_rel`, at any snapshot step.
 
 - `callback`: `PostHocEMA`, which tracks the EMAs and writes the snapshots,
-  with `setup_checks` (its refusals), `snapshot_steps` (which steps, and
-  thinning), `host_copies`, `writer_thread` (the background writes),
-  `resume` (taking over a folder) and `disk_usage`;
+  with `setup_checks` (its refusals) and `snapshot_steps` (which steps, and
+  thinning);
+- `format`: the snapshot files: names, header and entries, the stored dtypes,
+  `model_fingerprint`, the disk space they take;
+- `writer`: `write_snapshot`, and the host copies and background thread of
+  `PostHocEMA`'s writes; `reader`: `read_snapshot` and the checked reads;
+- `folder`: the snapshot files of a folder, checked to be of one run, and a
+  run taking over its folder when it starts or resumes;
 - `coefficients`: the math: the mix of snapshots and its error;
-- `run`: `PostHocRun`, with `folder` (the files of a run), `matching` (the
-  snapshot variables paired with a model's) and `sweep` (scores over several
-  `sigma_rel`s, and their plot);
-- `layout`, `encoding`, `writer`, `reader`: the snapshot files.
+- `run`: `PostHocRun`, synthesis from a folder (the snapshot variables
+  paired with a model's too), with `sweep` (scores over several
+  `sigma_rel`s, and their plot).
 
 References:
     - Karras et al., 2024, "Analyzing and Improving the Training Dynamics of
@@ -23,8 +27,8 @@ References:
 
 from keras_ema.posthoc.coefficients import reconstruction_error
 from keras_ema.posthoc.coefficients import solve_coefficients
-from keras_ema.posthoc.layout import model_fingerprint
-from keras_ema.posthoc.layout import snapshot_filename
+from keras_ema.posthoc.format import model_fingerprint
+from keras_ema.posthoc.format import snapshot_filename
 from keras_ema.posthoc.reader import Snapshot
 from keras_ema.posthoc.reader import read_snapshot
 from keras_ema.posthoc.run import PostHocRun

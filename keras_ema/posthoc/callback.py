@@ -8,7 +8,7 @@ which writes them with `write_snapshot`; `PostHocRun` reads the folder
 afterwards.
 
 Which steps get a snapshot is in `keras_ema.posthoc.snapshot_steps`; the
-background thread in `keras_ema.posthoc.writer_thread`.
+host copies and the background thread in `keras_ema.posthoc.writer`.
 """
 
 from __future__ import annotations
@@ -21,22 +21,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_ema import state_io
 from keras_ema.callback import EMA
-from keras_ema.posthoc.disk_usage import disk_usage
 from keras_ema.posthoc.folder import snapshot_paths
-from keras_ema.posthoc.host_copies import snapshot_values
-from keras_ema.posthoc.layout import model_fingerprint
-from keras_ema.posthoc.resume import take_over_folder
+from keras_ema.posthoc.folder import take_over_folder
+from keras_ema.posthoc.format import disk_usage
+from keras_ema.posthoc.format import model_fingerprint
 from keras_ema.posthoc.setup_checks import check_arguments
 from keras_ema.posthoc.setup_checks import check_distinct_paths
 from keras_ema.posthoc.setup_checks import check_start_step
 from keras_ema.posthoc.setup_checks import check_steps_per_execution
 from keras_ema.posthoc.snapshot_steps import spacing_at
 from keras_ema.posthoc.snapshot_steps import thinned
+from keras_ema.posthoc.writer import WriterThread
+from keras_ema.posthoc.writer import snapshot_values
+from keras_ema.posthoc.writer import wait_for_folder
 from keras_ema.posthoc.writer import write_snapshot
-from keras_ema.posthoc.writer_thread import WriterThread
-from keras_ema.posthoc.writer_thread import wait_for_folder
+from keras_ema.saving import npz_state
+from keras_ema.saving.store import StateStore
 from keras_ema.schedule import PowerFunctionSchedule
 from keras_ema.steps import FitSteps
 
@@ -49,6 +50,22 @@ def profile_name(sigma_rel: float) -> str:
     0.05, `sigma_0_1` for 0.10 (its shortest decimal, `.` as `_`)."""
     decimal = np.format_float_positional(float(sigma_rel), unique=True, trim="-")
     return "sigma_" + decimal.replace(".", "_")
+
+
+class _RunStateStore(StateStore):
+    """The state of a `PostHocEMA`: its run id rides in the header, and a
+    state is written only after the snapshots up to its step."""
+
+    def extra(self) -> dict:
+        return {_RUN_ID_KEY: self._ema.run_id}
+
+    def write(self, path) -> None:
+        self._ema._snapshot_before_checkpoint()
+        super().write(path)
+
+    def apply(self, header: dict, arrays: list, path) -> None:
+        super().apply(header, arrays, path)
+        self._ema._take_restored_run_id(header)
 
 
 class PostHocEMA(EMA):
@@ -223,6 +240,7 @@ class PostHocEMA(EMA):
         self._fit_steps = None
         self._verified = set()
         self._writer = WriterThread()
+        self.state_store = _RunStateStore(self, self._UNCOMPARED_OPTIONS)
 
     # ------------------------------------------------------------------
     # Public surface
@@ -362,20 +380,15 @@ class PostHocEMA(EMA):
                 )
             )
 
-    def _write_state(self, path) -> None:
+    def _snapshot_before_checkpoint(self) -> None:
         # A checkpoint of step `t` must not be on disk before the snapshots
         # up to `t`: a run resumed from it would never write them again.
         if self._last_snapshot is not None and self._state is not None:
             self._snapshot_if_due(self.step)
         self.wait()
-        super()._write_state(path)
 
-    def _state_extra(self) -> dict:
-        return {_RUN_ID_KEY: self.run_id}
-
-    def _apply_state(self, header: dict, arrays: list, path) -> None:
-        super()._apply_state(header, arrays, path)
-        run_id = state_io.extra(header).get(_RUN_ID_KEY)
+    def _take_restored_run_id(self, header: dict) -> None:
+        run_id = npz_state.extra(header).get(_RUN_ID_KEY)
         if isinstance(run_id, str) and run_id:
             self.run_id = run_id
         self._last_snapshot = None

@@ -1,10 +1,9 @@
 """Reading post-hoc EMA snapshot files, every part checked against the
-layout of `keras_ema.posthoc.layout` before use: `read_snapshot` for a whole
+layout of `keras_ema.posthoc.format` before use: `read_snapshot` for a whole
 file, and the pieces `PostHocRun` reads one entry at a time."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -12,13 +11,14 @@ import os
 import numpy as np
 
 from keras_ema.checks import is_int
-from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
-from keras_ema.posthoc.encoding import decode_averaged
-from keras_ema.posthoc.encoding import decode_buffer
-from keras_ema.posthoc.layout import FORMAT
-from keras_ema.posthoc.layout import VERSION
-from keras_ema.posthoc.layout import entry_names
-from keras_ema.posthoc.layout import expected_layout
+from keras_ema.posthoc.format import FORMAT
+from keras_ema.posthoc.format import SNAPSHOT_DTYPES
+from keras_ema.posthoc.format import VERSION
+from keras_ema.posthoc.format import decode_averaged
+from keras_ema.posthoc.format import decode_buffer
+from keras_ema.posthoc.format import entry_names
+from keras_ema.posthoc.format import expected_layout
+from keras_ema.saving import atomic
 from keras_ema.schedule import checked_sigma_rels
 from keras_ema.schedule import sigma_rel_to_gamma
 
@@ -32,7 +32,7 @@ class Snapshot:
 
     Attributes:
         path: The file.
-        header: Its JSON header (see `keras_ema.posthoc.layout`).
+        header: Its JSON header (see `keras_ema.posthoc.format`).
         averaged: Variable path -> one float32 array per profile.
         buffers: Variable path -> its value (bfloat16 ones as float32).
     """
@@ -104,22 +104,9 @@ def read_buffer(archive, header: dict, index: int) -> np.ndarray:
     return decode_buffer(stored, spec["dtype"])
 
 
-@contextlib.contextmanager
 def reading(path: str):
     """Turns any failure to read `path` into a `ValueError` naming it."""
-    try:
-        yield
-    except ValueError as error:
-        raise ValueError(
-            f"{path!r} is not a valid keras_ema post-hoc EMA snapshot: {error}"
-        ) from None
-    except Exception as error:
-        # A damaged zip can fail deep inside `zipfile`/`zlib`/`json` with almost
-        # any exception type: every one of them means an unusable snapshot.
-        raise ValueError(
-            f"{path!r} is not a valid keras_ema post-hoc EMA snapshot (unreadable, "
-            f"truncated or corrupt): {type(error).__name__}: {error}"
-        ) from None
+    return atomic.reading(path, "a valid keras_ema post-hoc EMA snapshot")
 
 
 def open_archive(path: str):

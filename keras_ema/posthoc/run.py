@@ -1,6 +1,8 @@
 """`PostHocRun`: a folder of post-hoc EMA snapshots, from which it
 synthesizes the EMA of any relative width `sigma_rel` after training
-(Karras et al. 2024, EDM2). Everything here runs on the host with NumPy.
+(Karras et al. 2024, EDM2), and the pairing of the snapshot variables with a
+model's for `PostHocRun.synthesize_into`. Everything here runs on the host
+with NumPy.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from keras_ema.posthoc import reader
 from keras_ema.posthoc.coefficients import reconstruction_error
 from keras_ema.posthoc.coefficients import solve_coefficients
 from keras_ema.posthoc.folder import read_run
-from keras_ema.posthoc.matching import match_variables
+from keras_ema.posthoc.format import dtype_name
 from keras_ema.posthoc.sweep import SweepResult
 from keras_ema.posthoc.sweep import check_evaluate
 from keras_ema.posthoc.sweep import check_mode
 from keras_ema.posthoc.sweep import checked_targets
 from keras_ema.posthoc.sweep import plot_scores
 from keras_ema.posthoc.sweep import scores_of
+from keras_ema.saving.weight_paths import same_weight
 from keras_ema.schedule import check_sigma_rel
 
 
@@ -358,3 +361,49 @@ class PostHocRun:
                             target_sums[path] += weight * value
                         else:
                             target_sums[path] = weight * value
+
+
+def match_variables(variables: list, model, directory: str) -> list:
+    """Pairs each snapshot variable (`variables`: the header's specs) with
+    the model's variable of the same path, up to a leading model name;
+    raises, naming the variable, on any mismatch.
+
+    Returns:
+        `(path, variable)` pairs, in the order of `variables`.
+    """
+    weights = list(model.weights)
+    pairs, used = [], set()
+    for spec in variables:
+        path = spec["path"]
+        exact = [v for v in weights if v.path == path]
+        found = exact or [v for v in weights if same_weight(path, v.path)]
+        if len(found) != 1:
+            problem = "no variable" if not found else "several variables"
+            raise ValueError(
+                f"`model` does not fit the snapshots in {directory!r}: it "
+                f"has {problem} matching {path!r}."
+            )
+        (variable,) = found
+        if id(variable) in used:
+            raise ValueError(
+                f"`model` does not fit the snapshots in {directory!r}: "
+                f"its variable {variable.path!r} matches several snapshot "
+                "variables."
+            )
+        used.add(id(variable))
+        if tuple(variable.shape) != tuple(spec["shape"]):
+            raise ValueError(
+                f"`model` does not fit the snapshots in {directory!r}: "
+                f"variable {variable.path!r} has shape {tuple(variable.shape)} "
+                f"but the snapshots hold {tuple(spec['shape'])}."
+            )
+        pairs.append((path, variable))
+    missing = [
+        v.path for v in weights if id(v) not in used and "float" in dtype_name(v.dtype)
+    ]
+    if missing:
+        raise ValueError(
+            f"`model` does not fit the snapshots in {directory!r}: its "
+            f"variables {missing[:10]} are not in the snapshots."
+        )
+    return pairs

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 
 from keras_ema.checks import check_int_at_least
-from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
+from keras_ema.posthoc.format import SNAPSHOT_DTYPES
 from keras_ema.schedule import checked_sigma_rels
 from keras_ema.steps import optimizer_may_skip
 

@@ -1,29 +1,40 @@
-"""`write_snapshot`: one post-hoc EMA snapshot file, validated, then written
-atomically (the layout is in `keras_ema.posthoc.layout`)."""
+"""Writing post-hoc EMA snapshots: `write_snapshot`, one file, validated,
+then written atomically (the layout is in `keras_ema.posthoc.format`); and
+for `PostHocEMA`, the values a snapshot copies to the host and the
+background thread that writes them, with the writes in flight per folder."""
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import json
 import os
-import secrets
+import threading
+from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 
 import numpy as np
 
+from keras_ema.backends.base import host_copy
 from keras_ema.checks import is_int
-from keras_ema.posthoc.encoding import SNAPSHOT_DTYPES
-from keras_ema.posthoc.encoding import dtype_name
-from keras_ema.posthoc.encoding import encode_averaged
-from keras_ema.posthoc.encoding import encode_buffer
-from keras_ema.posthoc.encoding import is_float
-from keras_ema.posthoc.encoding import is_numeric
-from keras_ema.posthoc.layout import FORMAT
-from keras_ema.posthoc.layout import VERSION
-from keras_ema.posthoc.layout import snapshot_filename
+from keras_ema.posthoc.format import FORMAT
+from keras_ema.posthoc.format import SNAPSHOT_DTYPES
+from keras_ema.posthoc.format import VERSION
+from keras_ema.posthoc.format import dtype_name
+from keras_ema.posthoc.format import encode_averaged
+from keras_ema.posthoc.format import encode_buffer
+from keras_ema.posthoc.format import is_float
+from keras_ema.posthoc.format import is_numeric
+from keras_ema.posthoc.format import snapshot_filename
+from keras_ema.saving.atomic import write_atomically
 from keras_ema.schedule import checked_sigma_rels
 from keras_ema.schedule import sigma_rel_to_gamma
+
+# Snapshot writes not finished yet, by real path of their folder, across
+# callbacks: a callback that takes over a folder (a run resumed in the same
+# process) first waits for the writes of the one it replaces.
+_IN_FLIGHT: dict[str, set] = {}
+_IN_FLIGHT_LOCK = threading.Lock()
 
 
 def write_snapshot(
@@ -82,7 +93,7 @@ def write_snapshot(
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, snapshot_filename(step))
-    _write_atomically(path, arrays)
+    write_atomically(path, lambda file: np.savez(file, **arrays))
     return path
 
 
@@ -185,39 +196,89 @@ def _spec(path, value, kind) -> dict:
     }
 
 
-def _write_atomically(path: str, arrays: dict) -> None:
-    folder, name = os.path.split(path)
-    # `os.open` with mode 0o666 lets the kernel apply the umask, as for any
-    # new file (`tempfile.mkstemp` would make it 0o600).
-    while True:
-        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
-        try:
-            handle = os.open(
-                temporary,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                0o666,
+# ------------------------------------------------------------------
+# PostHocEMA's writes
+
+
+def snapshot_values(state, shadows: list[list], model) -> tuple[dict, dict]:
+    """`(averaged, buffers)` for `write_snapshot`: path -> one host copy per
+    profile of each tracked weight's shadow (`shadows`, per profile, from
+    the engine's `host_shadows`), and path -> a host copy of each other
+    weight of `model`."""
+    averaged = {
+        path: [profile[index] for profile in shadows]
+        for index, path in enumerate(state.paths)
+    }
+    tracked = {id(weight) for weight in state.weights}
+    # Variable by variable: under a JAX `keras.distribution` each copy
+    # gathers one variable's shards to the host.
+    buffers = {
+        weight.path: host_copy(weight.value)
+        for weight in model.weights
+        if id(weight) not in tracked
+    }
+    return averaged, buffers
+
+
+class WriterThread:
+    """One thread that runs the writes handed to it, in order; the thread
+    starts with the first write and ends with `close`."""
+
+    def __init__(self) -> None:
+        self._executor = None
+        self._pending = []
+
+    def submit(self, directory: str, write: Callable, *args) -> None:
+        """Runs `write(*args)` in the thread, as a write to `directory`."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="keras_ema_snapshots"
             )
-        except FileExistsError:
-            continue
-        break
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    _sync_folder(folder)
+        future = self._executor.submit(write, *args)
+        self._pending.append(future)
+        _track(directory, future)
 
+    def finish(self) -> None:
+        """Waits for the writes handed over so far; raises the first error."""
+        pending, self._pending = self._pending, []
+        error = None
+        for future in pending:
+            try:
+                future.result()
+            except BaseException as exception:
+                error = error or exception
+        if error is not None:
+            raise error
 
-def _sync_folder(folder: str) -> None:
-    """Makes the rename durable where the platform allows it."""
-    with contextlib.suppress(OSError, AttributeError):
-        handle = os.open(folder, os.O_RDONLY)
+    def close(self) -> None:
+        """`finish`, then ends the thread (a later `submit` starts another)."""
         try:
-            os.fsync(handle)
+            self.finish()
         finally:
-            os.close(handle)
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+
+def wait_for_folder(directory: str) -> None:
+    """Waits for every write in flight to `directory` (their errors are
+    their callbacks' to raise)."""
+    with _IN_FLIGHT_LOCK:
+        futures = list(_IN_FLIGHT.get(_folder_key(directory), ()))
+    concurrent.futures.wait(futures)
+
+
+def _folder_key(directory: str) -> str:
+    return os.path.realpath(directory)
+
+
+def _track(directory: str, future) -> None:
+    key = _folder_key(directory)
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.setdefault(key, set()).add(future)
+
+    def done(finished) -> None:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.get(key, set()).discard(finished)
+
+    future.add_done_callback(done)

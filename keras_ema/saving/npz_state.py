@@ -14,9 +14,8 @@ Version 1 files (one unnamed profile, `shadow_<i>`, and the article's
 `initted` flag, which the step counter determines) are read too.
 
 Files are read with `allow_pickle=False`, so an object array or a pickle
-raises instead of executing anything; zip CRCs catch flipped bytes. Writes go
-to a temporary file in the same folder, then `os.replace`, so a crash leaves
-the previous file intact.
+raises instead of executing anything; zip CRCs catch flipped bytes. Writes are
+atomic (`keras_ema.saving.atomic`): a crash leaves the previous file intact.
 """
 
 from __future__ import annotations
@@ -24,14 +23,16 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 
 import keras
 import numpy as np
 from keras import ops
 
-from keras_ema.weight_paths import matches_any
-from keras_ema.weight_paths import same_weight
+from keras_ema.saving.atomic import FolderNotFoundError
+from keras_ema.saving.atomic import reading
+from keras_ema.saving.atomic import write_atomically
+from keras_ema.saving.weight_paths import matches_any
+from keras_ema.saving.weight_paths import same_weight
 
 FORMAT = "keras-ema-state"
 VERSION = 2
@@ -56,7 +57,7 @@ def make_header(state, hyperparameters: dict, extra: dict | None = None) -> dict
     """The header describing `state` (its variables current): the counters,
     the hyperparameters, the profiles' names, each variable's path, shape
     and dtype, and the JSON object `extra` if given. Orbax checkpoints
-    (`orbax_io`) hold the same header."""
+    (`orbax_state`) hold the same header."""
     header = {
         "format": FORMAT,
         "version": VERSION,
@@ -82,86 +83,37 @@ def save(path: str, state, hyperparameters: dict, extra: dict | None = None) -> 
     for p, profile in enumerate(state.profiles):
         for i, shadow in enumerate(profile.shadows):
             arrays[_entry(header, p, i)] = ops.convert_to_numpy(shadow.value)
-    handle, temporary = _create_temporary_beside(path)
     try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _create_temporary_beside(path: str) -> tuple[int, str]:
-    """Creates a new, empty file in `path`'s folder; returns its descriptor
-    and path.
-
-    `tempfile.mkstemp` would create it with mode `0o600` whatever the umask,
-    and `os.replace` keeps that mode. Created with `0o666` here, the file
-    gets `0o666 & ~umask`, as with `open(path, "w")` and as Keras' weights
-    file beside it does.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    flags = (
-        os.O_WRONLY
-        | os.O_CREAT
-        | os.O_EXCL
-        | getattr(os, "O_NOFOLLOW", 0)
-        | getattr(os, "O_BINARY", 0)
-    )
-    for _ in range(100):
-        temporary = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
-        try:
-            return os.open(temporary, flags, 0o666), temporary
-        except FileExistsError:
-            continue
-        except FileNotFoundError:
-            raise StateFileNotFoundError(
-                errno.ENOENT,
-                f"The folder {folder!r} does not exist, so the keras_ema state "
-                "file cannot be written",
-                os.fspath(path),
-            ) from None
-    raise FileExistsError(f"No free temporary file name beside {path!r}.")
+        write_atomically(path, lambda file: np.savez(file, **arrays))
+    except FolderNotFoundError as error:
+        raise StateFileNotFoundError(
+            errno.ENOENT,
+            f"The folder {error.filename!r} does not exist, so the keras_ema "
+            "state file cannot be written",
+            os.fspath(path),
+        ) from None
 
 
 def read(path: str) -> tuple[dict, list]:
     """Reads and checks a state file; raises `ValueError` naming `path`
     (`StateFileNotFoundError`, also a `ValueError`, if there is none)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            names = set(archive.files)
-            if "header" not in names:
-                raise ValueError("it has no `header` entry")
-            header = json.loads(bytes(archive["header"]).decode())
-            check_header(header)
-            entries = [
-                [_entry(header, p, i) for i in range(len(header["variables"]))]
-                for p in range(len(_profiles(header)))
-            ]
-            expected = {"header"} | {name for row in entries for name in row}
-            if names != expected:
-                raise ValueError(f"entries {sorted(names ^ expected)} do not fit")
-            arrays = [[archive[name] for name in row] for row in entries]
-    except FileNotFoundError:
-        raise StateFileNotFoundError(
-            errno.ENOENT, "The keras_ema state file does not exist", os.fspath(path)
-        ) from None
-    except ValueError as error:
-        message = f"{path!r} is not a valid keras_ema state file: {error}"
-        raise ValueError(message) from None
-    except Exception as error:
-        # A damaged zip can fail deep inside `zipfile`/`zlib`/`json` with almost
-        # any exception type (NotImplementedError for a flipped compression
-        # flag, RuntimeError for a flipped encryption bit, ...): every one of
-        # them means the file is not a usable state.
-        raise ValueError(
-            f"{path!r} is not a valid keras_ema state file (unreadable, truncated "
-            f"or corrupt): {type(error).__name__}: {error}"
-        ) from None
+    with (
+        reading(path, "a valid keras_ema state file", missing=lambda: _missing(path)),
+        np.load(path, allow_pickle=False) as archive,
+    ):
+        names = set(archive.files)
+        if "header" not in names:
+            raise ValueError("it has no `header` entry")
+        header = json.loads(bytes(archive["header"]).decode())
+        check_header(header)
+        entries = [
+            [_entry(header, p, i) for i in range(len(header["variables"]))]
+            for p in range(len(_profiles(header)))
+        ]
+        expected = {"header"} | {name for row in entries for name in row}
+        if names != expected:
+            raise ValueError(f"entries {sorted(names ^ expected)} do not fit")
+        arrays = [[archive[name] for name in row] for row in entries]
     for row in arrays:
         for spec, array in zip(header["variables"], row, strict=True):
             if list(array.shape) != spec["shape"] or str(array.dtype) != spec["dtype"]:
@@ -171,6 +123,12 @@ def read(path: str) -> tuple[dict, list]:
                     f"but its header says {spec['shape']} and {spec['dtype']}."
                 )
     return header, arrays
+
+
+def _missing(path) -> StateFileNotFoundError:
+    return StateFileNotFoundError(
+        errno.ENOENT, "The keras_ema state file does not exist", os.fspath(path)
+    )
 
 
 def match(header: dict, arrays: list, state, path: str) -> list:

@@ -4,7 +4,7 @@
 `model.save_weights(path)` and resumes it with `model.load_weights(path)`;
 the EMA shadows are not model weights, so on their own they would be lost.
 While an `EMA` callback is attached to a model, both methods of that model
-instance also write and read the EMA state (`state_io`'s format) at
+instance also write and read the EMA state (`npz_state`'s format) at
 `sidecar_path(path, index)`, `index` being the callback's position among the
 EMA callbacks attached to the model. A restarted run with the same callbacks
 therefore resumes the EMA, its counter included, with no extra code; so does
@@ -12,10 +12,12 @@ therefore resumes the EMA, its counter included, with no extra code; so does
 
 Orbax checkpoints (`keras.callbacks.OrbaxCheckpoint`, Keras 3.14+, JAX):
 `ride_along_orbax` makes each save of the `OrbaxCheckpoint`s of a `fit`
-hold the state of every EMA attached to the model (`orbax_io`'s format, one
-checkpointable per EMA, named by `orbax_io.checkpointable_name(index)`), and
+hold the state of every EMA attached to the model (`orbax_state`'s format,
+one checkpointable per EMA, named by `orbax_state.checkpointable_name`), and
 `model.load_weights(<orbax directory>)` restores it from the step Keras
 loads, checked against the model before Keras loads any weight.
+
+Each EMA's state is written and read through its `ema.state_store`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import weakref
 
 from keras_ema import _internals
 from keras_ema import backends
-from keras_ema import orbax_io
+from keras_ema.saving import orbax_state
 
 # model -> the EMA callbacks attached to it, in the order they were attached.
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -57,7 +59,7 @@ def ride_along_orbax(model, callbacks) -> None:
     """Makes each `OrbaxCheckpoint` among `callbacks` also save the state of
     every EMA attached to `model`, in the same step; raises a `ValueError`
     where this backend cannot (see `backends.BACKEND_OPS.require_orbax_support`)."""
-    checkpoints = orbax_io.orbax_checkpoints(callbacks)
+    checkpoints = orbax_state.orbax_checkpoints(callbacks)
     if not checkpoints:
         return
     backends.BACKEND_OPS.require_orbax_support()
@@ -65,7 +67,7 @@ def ride_along_orbax(model, callbacks) -> None:
 
     def checkpointables() -> dict:
         return {
-            orbax_io.checkpointable_name(index): ema._orbax_state()
+            orbax_state.checkpointable_name(index): ema.state_store.orbax_tree()
             for index, ema in enumerate(attached(model_ref()))
         }
 
@@ -80,11 +82,11 @@ def _saved_states(emas, filepath) -> list:
     states = []
     for index, ema in enumerate(emas):
         if step_path is not None:
-            name = orbax_io.checkpointable_name(index)
-            states.append(ema._read_orbax_state(step_path, name))
+            name = orbax_state.checkpointable_name(index)
+            states.append(ema.state_store.read_orbax(step_path, name))
             continue
         path = sidecar_path(filepath, index)
-        states.append(ema._read_state(path) if os.path.exists(path) else None)
+        states.append(ema.state_store.read(path) if os.path.exists(path) else None)
     return states
 
 
@@ -100,7 +102,7 @@ def _wrap_weights_methods(model) -> None:
         model = model_ref()
         result = keras_save_weights(model, filepath, *args, **kwargs)
         for index, ema in enumerate(attached(model)):
-            ema._write_state(sidecar_path(filepath, index))
+            ema.state_store.write(sidecar_path(filepath, index))
         return result
 
     def load_weights(filepath, *args, **kwargs):
@@ -112,9 +114,9 @@ def _wrap_weights_methods(model) -> None:
         result = keras_load_weights(model, filepath, *args, **kwargs)
         for ema, state in zip(emas, states, strict=True):
             if state is not None:
-                ema._apply_state(*state)
+                ema.state_store.apply(*state)
             else:
-                ema._follow_loaded_weights()
+                ema.state_store.follow_loaded_weights()
         return result
 
     save_weights.__doc__ = keras_save_weights.__doc__

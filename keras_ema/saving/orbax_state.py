@@ -2,11 +2,11 @@
 
 Keras' `OrbaxCheckpoint` (Keras 3.14+) saves each step as a folder of
 named "checkpointables": `pytree` (Keras' variables), `model_config`,
-`assets`. While an `EMA` is attached to a model (`backup.py`), each save of
+`assets`. While an `EMA` is attached to a model (`sidecars.py`), each save of
 an `OrbaxCheckpoint` of its `fit` also holds one more checkpointable per
 attached EMA, named `keras_ema` (`keras_ema_1`, ... for the next ones): the
 pytree `{"header": <JSON>, "shadows": [[array, ...], ...]}`, with the header
-of a state file (`state_io.make_header`: counters, hyperparameters, profile
+of a state file (`npz_state.make_header`: counters, hyperparameters, profile
 names, each variable's path, shape and dtype) and one list of shadows per
 profile, in the header's order.
 
@@ -16,7 +16,7 @@ of Keras' own save (in the background when Keras' is), so the step folder
 holding them is committed, kept and deleted (`max_to_keep`) as one.
 
 `read` reads the header first and checks it against the model as
-`state_io.match` checks a state file, then restores each shadow with its
+`npz_state.match` checks a state file, then restores each shadow with its
 own shape, dtype and sharding (`backends.BACKEND_OPS.orbax_target`): each process reads
 only its shards.
 """
@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import os
 
+from keras_ema import _internals
 from keras_ema import backends
-from keras_ema import state_io
+from keras_ema.saving import npz_state
+from keras_ema.saving.atomic import reading
 
 NAME = "keras_ema"
 _KEYS = {"header", "shadows"}
@@ -41,9 +43,7 @@ def checkpointable_name(index: int = 0) -> str:
 def orbax_checkpoints(callbacks) -> list:
     """The `keras.callbacks.OrbaxCheckpoint`s among `callbacks` (none before
     Keras 3.14)."""
-    import keras
-
-    checkpoint_class = getattr(keras.callbacks, "OrbaxCheckpoint", None)
+    checkpoint_class = _internals.optional_orbax_checkpoint_class()
     if checkpoint_class is None:
         return []
     return [c for c in callbacks if isinstance(c, checkpoint_class)]
@@ -53,7 +53,7 @@ def state_tree(state, hyperparameters: dict, extra: dict | None = None) -> dict:
     """The checkpointable of `state` (its variables current): the header
     (with `extra`, as in a state file) and every profile's shadow values, as
     they are laid out."""
-    header = state_io.make_header(state, hyperparameters, extra)
+    header = npz_state.make_header(state, hyperparameters, extra)
     return {
         "header": json.dumps(header),
         "shadows": [[s.value for s in profile.shadows] for profile in state.profiles],
@@ -64,7 +64,7 @@ def read(step_path: str, name: str, state) -> tuple | None:
     """Reads the checkpointable `name` of the Orbax checkpoint step
     `step_path`, checked against `state` first.
 
-    Returns `(header, arrays, where)` like `EMA._read_state`, `arrays` one
+    Returns `(header, arrays, where)` like `StateStore.read`, `arrays` one
     list per profile, or `None` when the step holds no such checkpointable.
     Raises a `ValueError` naming `where` (`<step_path>/<name>`) when it does
     not fit the model or is not a keras_ema state.
@@ -75,22 +75,15 @@ def read(step_path: str, name: str, state) -> tuple | None:
     saved = ocp.checkpointables_metadata(step_path).metadata
     if name not in saved:
         return None
-    try:
+    with reading(where, "a valid keras_ema state", damage="unreadable or corrupt"):
         stored = _stored_shadows(saved[name])
         placeholders = [[ocp.PLACEHOLDER] * len(row) for row in stored]
         loaded = ocp.load_checkpointables(
             step_path, {name: {"header": "", "shadows": placeholders}}
         )
         header = json.loads(loaded[name]["header"])
-        state_io.check_header(header)
-    except ValueError as error:
-        raise ValueError(f"{where!r} is not a valid keras_ema state: {error}") from None
-    except Exception as error:
-        raise ValueError(
-            f"{where!r} is not a valid keras_ema state (unreadable or corrupt): "
-            f"{type(error).__name__}: {error}"
-        ) from None
-    state_io.match(header, None, state, where)
+        npz_state.check_header(header)
+    npz_state.match(header, None, state, where)
     _check_stored(stored, header, where)
     targets = [
         [backends.BACKEND_OPS.orbax_target(shadow) for shadow in profile.shadows]
@@ -115,7 +108,7 @@ def _stored_shadows(tree) -> list:
 
 def _check_stored(stored: list, header: dict, where: str) -> None:
     """Every stored array as the header describes it (the header fits the
-    model: `state_io.match`)."""
+    model: `npz_state.match`)."""
     variables = header["variables"]
     profiles = len(header.get("profiles", [""]))
     if len(stored) != profiles or any(len(row) != len(variables) for row in stored):
