@@ -52,3 +52,35 @@ start_when_built = _backend.start_when_built
 held_here = _backend.held_here
 require_orbax_support = _backend.require_orbax_support
 orbax_target = _backend.orbax_target
+
+
+def update_timer(ema):
+    """A function that runs one update of `ema`'s shadows from its model's
+    current weights, as a step of `fit` runs it after Keras' train step.
+
+    It exists for measurement: the benchmark (`benchmarks/overhead`) times
+    the update alone with it. It is not part of the public API. On JAX the
+    function waits for the update to finish; on TensorFlow and torch a GPU's
+    queued work is the caller's to wait for. `ema`'s variables are current
+    again after its next read (`ema.variables`, the end of a `fit`).
+
+    Example:
+
+    ```python
+    ema = keras_ema.EMA(update_after_step=0)
+    ema.set_model(model)
+    run_update = keras_ema.backends.update_timer(ema)
+    run_update()
+    ```
+
+    Args:
+        ema: A `keras_ema.EMA` whose model is built, its shadows beside the
+            weights (not `offload_to_host`).
+    """
+    engine = getattr(ema, "_engine", None)
+    if engine is None:
+        raise ValueError(
+            "update_timer needs an EMA callback set on a built model "
+            "(`ema.set_model(model)`). Received: ema with no model"
+        )
+    return engine.update_timer()

@@ -349,6 +349,38 @@ class Engine(base.Engine):
         self.reload()
         self._eager_update()
 
+    # -- for measurement -----------------------------------------------------
+
+    def update_timer(self):
+        """The update a step of `fit` runs after Keras' step, alone: the
+        same update function, blend and packed variables as
+        `build_train_function` chooses, in a `tf.function` compiled with XLA
+        when the model's steps are. The variables are current again after a
+        `flush()`."""
+        state, model, packed = self.state, self.model, self.packed
+        xla = bool(model.jit_compile) and not model.run_eagerly
+        blend = (
+            update.blend_by_branches
+            if not xla and _mostly_large(state.shadows)
+            else update.blend_elementwise
+        )
+        run = update.update_when_due if base.gated(state) else update.update_all
+        if packed is not None:
+            packed.ensure_current()
+        dtypes = [s.dtype for s in state.shadows]
+
+        def read_values():
+            values = [read(w) for w in state.weights]
+            if xla:
+                values = as_stored(values, dtypes)
+            return packed.packing.pack(values) if packed is not None else values
+
+        @tf.function(jit_compile=xla, autograph=False)
+        def update_alone():
+            assign_update(state, run, read_values, None, blend, packed, xla)
+
+        return update_alone
+
 
 def start_when_built(model, start):
     """Calls `start()` once `model` is built, before its first train step.

@@ -327,6 +327,13 @@ class Engine(base.Engine):
 
         return train_function
 
+    # -- for measurement -----------------------------------------------------
+
+    def update_timer(self):
+        """The engine's step, which the train function runs after Keras'
+        train step (`EMA.update()` also checks the model)."""
+        return self.step
+
 
 start_when_built = base.start_when_built
 held_here = base.held_here
