@@ -55,8 +55,9 @@ orbax_target = _backend.orbax_target
 
 
 def update_timer(ema):
-    """A function that runs one update of `ema`'s shadows from its model's
-    current weights, as a step of `fit` runs it after Keras' train step.
+    """A function of no arguments that runs one update of `ema`'s shadows
+    from its model's current weights, as a step of `fit` runs it after
+    Keras' train step, and returns nothing.
 
     It exists for measurement: the benchmark (`benchmarks/overhead`) times
     the update alone with it. It is not part of the public API. On JAX the
@@ -66,12 +67,13 @@ def update_timer(ema):
 
     Example:
 
-    ```python
-    ema = keras_ema.EMA(update_after_step=0)
-    ema.set_model(model)
-    run_update = keras_ema.backends.update_timer(ema)
-    run_update()
-    ```
+    >>> from keras_ema.backends import update_timer
+    >>> ema = keras_ema.EMA(update_after_step=0)
+    >>> ema.set_model(model)
+    >>> run_update = update_timer(ema)
+    >>> run_update()
+    >>> ema.step
+    1
 
     Args:
         ema: A `keras_ema.EMA` whose model is built, its shadows beside the
@@ -81,6 +83,6 @@ def update_timer(ema):
     if engine is None:
         raise ValueError(
             "update_timer needs an EMA callback set on a built model "
-            "(`ema.set_model(model)`). Received: ema with no model"
+            f"(`ema.set_model(model)`). Received: ema={ema!r}"
         )
     return engine.update_timer()

@@ -332,7 +332,11 @@ class Engine(base.Engine):
     def update_timer(self):
         """The engine's step, which the train function runs after Keras'
         train step (`EMA.update()` also checks the model)."""
-        return self.step
+
+        def run() -> None:
+            self.step()
+
+        return run
 
 
 start_when_built = base.start_when_built
