@@ -64,6 +64,39 @@ def test_update_timer_runs_the_article_update(hyperparameters):
     assert_close(oracle.ema, ema_values(ema))
 
 
+@pytest.mark.skipif(
+    BACKEND != "jax" or len(keras.distribution.list_devices()) < 4,
+    reason="a model sharded over 4 JAX devices",
+)
+def test_update_timer_keeps_jax_shardings():
+    mesh = keras.distribution.DeviceMesh(
+        (2, 2), ["batch", "model"], keras.distribution.list_devices()[:4]
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*d1/kernel"] = (None, "model")
+    layout_map[".*d2/kernel"] = ("model", None)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch"
+    )
+    hyperparameters = dict(beta=0.9, update_after_step=0, update_every=1)
+    with distribution.scope():
+        model = make_model(batch_norm=False)
+        ema = keras_ema.EMA(**hyperparameters)
+        ema.set_model(model)
+        oracle = ArticleEMA(float_weights(model), **hyperparameters)
+        run_update = update_timer(ema)
+        for _ in range(3):
+            run_update()
+            oracle.update(float_weights(model))
+        assert_close(oracle.ema, ema_values(ema))
+        weights = [w for w in model.weights if w.path.endswith("kernel")]
+        shadows = [s for s in ema.variables if s.path.endswith("kernel")]
+        for shadow, weight in zip(shadows, weights, strict=True):
+            assert shadow.value.sharding.is_equivalent_to(
+                weight.value.sharding, weight.value.ndim
+            )
+
+
 def test_update_timer_needs_a_model():
     with pytest.raises(ValueError, match="set_model"):
         update_timer(keras_ema.EMA())

@@ -532,11 +532,14 @@ class Engine(base.Engine):
 
     def update_timer(self):
         """The update alone of a due step (`_due_update`), jitted and donated
-        with the shadows' shardings, on the live packed arrays and the
+        as `build_train_function` jits it (the shadows' shardings as its
+        output's under a distribution), on the live packed arrays and the
         model's current weights; the function waits for it to finish. The
         variables are current again after a `flush()`."""
         guard = xla_guard(self.state.weights)
-        shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
+        shardings = None
+        if _internals.jax_train_out_shardings(self.model) is not None:
+            shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
         due_update = jax.jit(
             self._due_update(guard), donate_argnums=0, out_shardings=shardings
         )
