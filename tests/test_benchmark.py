@@ -239,3 +239,17 @@ def test_tables_compare_warm_and_cold(benchmark, tmp_path, capsys):
     rendered = _lines(capsys.readouterr().out)
     assert "keras_ema fit ms, before / after" in rendered[0]
     assert "| a | 120 / 240 |" in rendered[2]
+
+
+def test_tables_compare_cold_without_jax_compiles(benchmark, tmp_path, capsys):
+    _, tables = benchmark
+    lines = []
+    for scale in (1.0, 2.0):
+        line = _cold_line("a", scale)
+        del line["compile_ms"], line["compiles"]
+        lines.append(line)
+    before = _write(tmp_path / "before.jsonl", lines[:1])
+    after = _write(tmp_path / "after.jsonl", lines[1:])
+    tables.main(["compare", before, after])
+    rendered = _lines(capsys.readouterr().out)
+    assert "| a | 120 / 240 | 1.09 / 1.09 | - / - |" in rendered[2]

@@ -373,7 +373,8 @@ def compare_cold(before: dict[str, dict], after: dict[str, dict]) -> str:
             "/ builtin": lambda r, mode: (
                 f"{r['fit_ms'][mode] / r['fit_ms']['builtin']:.2f}"
             ),
-            "compiles ms": lambda r, mode: f"{r['compile_ms'][mode]:,.0f}",
+            # JAX only: "-" on the other backends.
+            "compiles ms": lambda r, mode: _milliseconds(r.get("compile_ms", {}), mode),
         },
     )
 
