@@ -1,7 +1,7 @@
 """Sizes that choose between equivalent ways of running the update.
 
 None of them changes a value; each picks the faster of two forms of the same
-arithmetic, as measured with `benchmarks/overhead.py` on CPU (the figures
+arithmetic, as measured with `benchmarks/overhead/` on CPU (the figures
 are in `docs/performance.md`).
 """
 

@@ -35,3 +35,37 @@ else:
 BACKEND_OPS: Backend = _backend.Backend(
     _backend.Placement, _backend.Engine, _offload.HostPlacement, _offload.HostEngine
 )
+
+
+def update_timer(ema):
+    """A function of no arguments that runs one update of `ema`'s shadows
+    from its model's current weights, as a step of `fit` runs it after
+    Keras' train step, and returns nothing.
+
+    It exists for measurement: the benchmark (`benchmarks/overhead`) times
+    the update alone with it. It is not part of the public API. On JAX the
+    function waits for the update to finish; on TensorFlow and torch a GPU's
+    queued work is the caller's to wait for. `ema`'s variables are current
+    again after its next read (`ema.variables`, the end of a `fit`).
+
+    Example:
+
+    >>> from keras_ema.backends import update_timer
+    >>> ema = keras_ema.EMA(update_after_step=0)
+    >>> ema.set_model(model)
+    >>> run_update = update_timer(ema)
+    >>> run_update()
+    >>> ema.step
+    1
+
+    Args:
+        ema: A `keras_ema.EMA` whose model is built, its shadows beside the
+            weights (not `offload_to_host`).
+    """
+    engine = getattr(ema, "_engine", None)
+    if engine is None:
+        raise ValueError(
+            "update_timer needs an EMA callback set on a built model "
+            f"(`ema.set_model(model)`). Received: ema={ema!r}"
+        )
+    return engine.update_timer()

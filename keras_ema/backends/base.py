@@ -147,6 +147,17 @@ class Engine:
         """One update outside `fit` (`EMA.update()`)."""
         raise NotImplementedError
 
+    # -- for measurement -----------------------------------------------------
+
+    def update_timer(self):
+        """A function that runs one update of every profile from the current
+        weights as a step of `fit` runs it; see `backends.update_timer`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} offers no update timer; "
+            "`backends.update_timer` times the engines of shadows beside "
+            "the weights."
+        )
+
 
 def ema_logs(logs, state, decays, skipped) -> dict:
     """Keras' step logs with the EMA's: each profile's decay and

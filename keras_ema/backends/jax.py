@@ -318,3 +318,27 @@ class Engine(base.Engine):
         for profile, values in zip(state.profiles, shadows, strict=True):
             for shadow, value in zip(profile.shadows, values, strict=True):
                 shadow.assign(value)
+
+    # -- for measurement -----------------------------------------------------
+
+    def update_timer(self):
+        """The update alone of a due step (`_due_update`), jitted and donated
+        as `build_train_function` jits it (the shadows' shardings as its
+        output's under a distribution), on the live packed arrays and the
+        model's current weights; the function waits for it to finish. The
+        variables are current again after a `flush()`."""
+        guard = xla_guard(self.state.weights)
+        shardings = None
+        if _internals.jax_train_out_shardings(self.model) is not None:
+            shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
+        due_update = jax.jit(
+            self._due_update(guard), donate_argnums=0, out_shardings=shardings
+        )
+        weights = self.state.weights
+
+        def run() -> None:
+            values = [w.value for w in weights]
+            self._arrays = due_update(self.arrays(), values, 0)
+            jax.block_until_ready(self._arrays)
+
+        return run

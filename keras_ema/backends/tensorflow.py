@@ -270,11 +270,12 @@ class Engine(base.Engine):
             return self.packed.host_shadows()
         return super().host_shadows()
 
-    def build_train_function(self):
+    def _fit_update(self):
+        """The update a step of `fit` runs after Keras' step, as a function of
+        whether the optimizer moved the weights (`stepped`): the update
+        function, blend and packed variables chosen for this model. Returns
+        the new counters and the decays."""
         state, model, packed = self.state, self.model, self.packed
-        iterations, accumulation = optimizer_step_rule(model.optimizer)
-        may_skip = optimizer_may_skip(model.optimizer)
-        keras_train_step = model.train_step
         # Keras resolves `jit_compile="auto"` to False on a CPU-only machine.
         xla = bool(model.jit_compile) and not model.run_eagerly
         blend = (
@@ -293,15 +294,25 @@ class Engine(base.Engine):
                 values = as_stored(values, dtypes)
             return packed.packing.pack(values) if packed is not None else values
 
+        def fit_update(stepped=None):
+            return assign_update(state, run, read_values, stepped, blend, packed, xla)
+
+        return fit_update, xla
+
+    def build_train_function(self):
+        state, model, packed = self.state, self.model, self.packed
+        iterations, accumulation = optimizer_step_rule(model.optimizer)
+        may_skip = optimizer_may_skip(model.optimizer)
+        keras_train_step = model.train_step
+        fit_update, _ = self._fit_update()
+
         def train_step(data):
             before = read(iterations) if may_skip else None
             logs = keras_train_step(data)
             stepped = None
             if may_skip:
                 stepped = optimizer_moved(before, read(iterations), accumulation)
-            counters, decays = assign_update(
-                state, run, read_values, stepped, blend, packed, xla
-            )
+            counters, decays = fit_update(stepped)
             return base.ema_logs(logs, state, decays, counters[1])
 
         fused = keras_train_function_around(model, train_step)
@@ -332,6 +343,20 @@ class Engine(base.Engine):
         self.flush()
         self.reload()
         self._eager_update()
+
+    # -- for measurement -----------------------------------------------------
+
+    def update_timer(self):
+        """The update a step of `fit` runs after Keras' step, alone (the same
+        `_fit_update`), in a `tf.function` compiled with XLA when the model's
+        steps are. The variables are current again after a `flush()`."""
+        fit_update, xla = self._fit_update()
+
+        @tf.function(jit_compile=xla, autograph=False)
+        def update_alone():
+            fit_update()
+
+        return update_alone
 
 
 class Backend(base.Backend):

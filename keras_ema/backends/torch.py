@@ -323,6 +323,17 @@ class Engine(base.Engine):
 
         return train_function
 
+    # -- for measurement -----------------------------------------------------
+
+    def update_timer(self):
+        """The engine's step, which the train function runs after Keras'
+        train step (`EMA.update()` also checks the model)."""
+
+        def run() -> None:
+            self.step()
+
+        return run
+
 
 class Backend(base.Backend):
     """The torch backend's buffer operations (see `base.Backend`)."""

@@ -1,18 +1,17 @@
-"""Markdown tables of `overhead.py`'s JSON lines, as `docs/performance.md` shows them.
+"""Markdown tables of the benchmark's JSON lines, as `docs/performance.md` shows them.
 
-Usage::
+Usage (from the repository's root)::
 
-    python benchmarks/tables.py warm jax.jsonl            # ms per step and ratios
-    python benchmarks/tables.py profiles jax.jsonl        # 2 and 4 profiles
-    python benchmarks/tables.py guard jax.jsonl           # keras_ema_noguard
-    python benchmarks/tables.py floor jax.jsonl           # the bandwidth floor
-    python benchmarks/tables.py posthoc jax.jsonl         # PostHocEMA's snapshots
-    python benchmarks/tables.py snapshots jax.jsonl       # where a snapshot's time goes
-    python benchmarks/tables.py cold cold-jax.jsonl       # first fit, whole
-    python benchmarks/tables.py compiles cold-jax.jsonl   # JAX compile times
-    python benchmarks/tables.py offload offload-jax.jsonl
-    python benchmarks/tables.py compare before-jax.jsonl after-jax.jsonl
-    python benchmarks/tables.py compare cold-before.jsonl cold-after.jsonl
+    python -m benchmarks.overhead.tables KIND FILE
+    python -m benchmarks.overhead.tables compare BEFORE AFTER
+
+KIND, for a file of warm runs: ``warm`` (ms per step and ratios), ``profiles``
+(2 and 4 profiles), ``guard`` (keras_ema_noguard), ``floor`` (the bandwidth
+floor), ``posthoc`` (PostHocEMA's snapshots), ``snapshots`` (where a
+snapshot's time goes), ``offload``; for a file of cold runs (``--cold``):
+``cold`` (first fit, whole), ``compiles`` (JAX compile times). ``compare``
+puts two warm files (e.g. ``before-jax.jsonl after-jax.jsonl``) or two cold
+files side by side.
 
 Each cell of a ratio is the whole timed ``fit`` and, in brackets, the steady
 state (from batch 3 on; cold: from the second epoch on). When a file holds
@@ -374,7 +373,8 @@ def compare_cold(before: dict[str, dict], after: dict[str, dict]) -> str:
             "/ builtin": lambda r, mode: (
                 f"{r['fit_ms'][mode] / r['fit_ms']['builtin']:.2f}"
             ),
-            "compiles ms": lambda r, mode: f"{r['compile_ms'][mode]:,.0f}",
+            # JAX only: "-" on the other backends.
+            "compiles ms": lambda r, mode: _milliseconds(r.get("compile_ms", {}), mode),
         },
     )
 
@@ -392,11 +392,16 @@ KINDS = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.overhead.tables",
+        description=__doc__.splitlines()[0],
+    )
     parser.add_argument("kind", choices=[*KINDS, "compare"])
-    parser.add_argument("files", nargs="+", help="JSON-lines files of overhead.py")
-    args = parser.parse_args()
+    parser.add_argument(
+        "files", nargs="+", help="JSON-lines files of python -m benchmarks.overhead"
+    )
+    args = parser.parse_args(argv)
     if args.kind == "compare":
         before, after = (load(path) for path in args.files)
         cold_runs = all(r.get("cold") for r in before.values())
