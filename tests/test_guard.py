@@ -1,16 +1,22 @@
-"""The NaN/Inf guard: one device flag over all the values of an update."""
+"""The NaN/Inf guard: one device flag over all the values of an update, and
+no update with a NaN or infinite weight reaches the shadows."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
+from conftest import assert_bit_equal
+from conftest import ema_values
+from conftest import make_data
+from conftest import make_model
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
+import keras_ema
 from keras_ema.sizes import GROUP_ELEMENTS as CHUNK
 from keras_ema.update import Guard
 from keras_ema.update import all_finite as _all_finite
@@ -99,3 +105,25 @@ def test_jax_engine_sums_first_on_a_cpu():
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     assert xla_guard(model.weights) == Guard.XLA_CPU
+
+
+def test_nan_weights_never_enter_the_shadows():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    before = ema_values(ema)
+    kernel = model.weights[0]
+    poisoned = np.array(kernel.numpy())
+    poisoned[0, 0] = np.nan
+    kernel.assign(poisoned)
+    ema.update()
+    assert_bit_equal(before, ema_values(ema))
+    assert ema.skipped_updates == 1
+    poisoned[0, 0] = np.inf
+    kernel.assign(poisoned)
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    for value in ema_values(ema).values():
+        assert np.isfinite(value).all()
+    assert history.history["ema_skipped"][-1] >= 2
