@@ -3,6 +3,8 @@ no update with a NaN or infinite weight reaches the shadows."""
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -34,22 +36,30 @@ if keras.backend.backend() == "torch":
     FORMS.append("torch host")
 
 
+@functools.cache
+def check_in_its_computation(kind: Guard):
+    """`all_finite` in the form `kind`, compiled where `kind` is written for
+    XLA: one function per form, which the backend compiles once for each
+    dtype and shapes that it sees, not once per call."""
+    check = lambda tensors: _all_finite(tensors, kind)  # noqa: E731
+    if kind != Guard.EAGER and keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(check)
+    if kind != Guard.EAGER and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(check, jit_compile=True)
+    return check
+
+
 def guard(values, dtype, form="eager") -> bool:
     tensors = [ops.cast(ops.convert_to_tensor(v), dtype) for v in values]
     if form == "torch host":
         from keras_ema.backends.torch import finite_on_host
 
         return finite_on_host(tensors)
-    kind = Guard(form)
-    check = lambda tensors: _all_finite(tensors, kind)  # noqa: E731
-    if kind != Guard.EAGER and keras.backend.backend() == "jax":
-        import jax
-
-        check = jax.jit(check)
-    elif kind != Guard.EAGER and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        check = tf.function(check, jit_compile=True)
+    check = check_in_its_computation(Guard(form))
     return bool(ops.convert_to_numpy(check(tensors)))
 
 
