@@ -1,19 +1,26 @@
-"""The NaN/Inf guard: one device flag over all the values of an update."""
+"""The NaN/Inf guard: one device flag over all the values of an update, and
+no update with a NaN or infinite weight reaches the shadows."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from unittest import mock
 
 import keras
 import numpy as np
 import pytest
+from conftest import assert_bit_equal
+from conftest import ema_values
+from conftest import make_data
+from conftest import make_model
 from hypothesis import HealthCheck
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
+import keras_ema
 from keras_ema import backends  # noqa: F401 (registers the backend's own forms)
 from keras_ema import guard as guard_
 from keras_ema.guard import Guard
@@ -31,18 +38,26 @@ SHAPES = [(10,), (200, 4), (64, 64), (3, 5, 64), (CHUNK + 8,), (300, 128)]
 FORMS = [form.value for form in guard_.forms()]
 
 
-def guard(values, dtype, form="eager") -> bool:
-    tensors = [ops.cast(ops.convert_to_tensor(v), dtype) for v in values]
-    kind = Guard(form)
+@functools.cache
+def check_in_its_computation(kind: Guard):
+    """`all_finite` in the form `kind`, compiled where `kind` is written for
+    XLA: one function per form, which the backend compiles once for each
+    dtype and shapes that it sees, not once per call."""
     check = lambda tensors: guard_.all_finite(tensors, kind)  # noqa: E731
     if kind != Guard.EAGER and keras.backend.backend() == "jax":
         import jax
 
-        check = jax.jit(check)
-    elif kind != Guard.EAGER and keras.backend.backend() == "tensorflow":
+        return jax.jit(check)
+    if kind != Guard.EAGER and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        check = tf.function(check, jit_compile=True)
+        return tf.function(check, jit_compile=True)
+    return check
+
+
+def guard(values, dtype, form="eager") -> bool:
+    tensors = [ops.cast(ops.convert_to_tensor(v), dtype) for v in values]
+    check = check_in_its_computation(Guard(form))
     return bool(ops.convert_to_numpy(check(tensors)))
 
 
@@ -108,8 +123,6 @@ def test_the_torch_backend_registers_its_own_forms():
 
 
 def _skipped_after_a_nan_update(check_guard: bool) -> int:
-    import keras_ema
-
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     ema = keras_ema.EMA(update_after_step=0, update_every=1)
     ema.set_model(model)
@@ -131,3 +144,25 @@ def test_replacing_all_finite_removes_the_guard_from_the_update():
     # every engine goes through `guard.all_finite`.
     assert _skipped_after_a_nan_update(check_guard=True) == 1
     assert _skipped_after_a_nan_update(check_guard=False) == 0
+
+
+def test_nan_weights_never_enter_the_shadows():
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=1)
+    x, y = make_data(48)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    before = ema_values(ema)
+    kernel = model.weights[0]
+    poisoned = np.array(kernel.numpy())
+    poisoned[0, 0] = np.nan
+    kernel.assign(poisoned)
+    ema.update()
+    assert_bit_equal(before, ema_values(ema))
+    assert ema.skipped_updates == 1
+    poisoned[0, 0] = np.inf
+    kernel.assign(poisoned)
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    for value in ema_values(ema).values():
+        assert np.isfinite(value).all()
+    assert history.history["ema_skipped"][-1] >= 2

@@ -1,11 +1,12 @@
-"""The bias-corrected, power-function and half-life schedules against NumPy
-transcriptions of their formulas, their properties, and argument checks."""
+"""Every schedule against its formula: the bias-corrected, power-function,
+half-life and warm-up schedules' host and compiled weights against NumPy
+transcriptions of their formulas, their properties over random arguments,
+sigma_rel and gamma, and their public API."""
 
 from __future__ import annotations
 
 import doctest
 import math
-import re
 
 import keras
 import numpy as np
@@ -20,6 +21,7 @@ import keras_ema
 from keras_ema import BiasCorrectedSchedule
 from keras_ema import HalfLifeSchedule
 from keras_ema import PowerFunctionSchedule
+from keras_ema import WarmupSchedule
 from keras_ema.schedule import SIGMA_REL_MAX
 from keras_ema.schedule import gamma_to_sigma_rel
 from keras_ema.schedule import sigma_rel_to_gamma
@@ -203,7 +205,8 @@ def test_bias_corrected_weight_is_accurate_near_one_after_millions_of_updates():
 # ---------------------------------------------------------------------------
 # Properties over random hyperparameters and steps.
 
-update_every = st.integers(1, 100)
+MAX_UPDATE_EVERY = 100
+update_every = st.integers(1, MAX_UPDATE_EVERY)
 steps = st.integers(1, 2**31 - 1)
 betas = st.floats(0.0, 1.0, exclude_max=True)
 sigma_rels = st.floats(0.0, SIGMA_REL_MAX, exclude_min=True, exclude_max=True)
@@ -256,8 +259,16 @@ def test_the_first_update_copies_and_updates_come_every_update_every_steps(
     copies = [schedule.copies_all(int(s)) for s in t]
     assert due == list(t % k == 0)
     assert copies == list(t == k)
-    np.testing.assert_array_equal(compiled(schedule.compiled_is_due, t), t % k == 0)
-    np.testing.assert_array_equal(compiled(schedule.compiled_copies_all, t), t == k)
+    # The compiled methods over the same steps in every example (on JAX each
+    # new shape compiles anew): steps 1 to 400, four updates or more of any
+    # period.
+    every = all_steps(4 * MAX_UPDATE_EVERY)
+    np.testing.assert_array_equal(
+        compiled(schedule.compiled_is_due, every), every % k == 0
+    )
+    np.testing.assert_array_equal(
+        compiled(schedule.compiled_copies_all, every), every == k
+    )
     # Between updates the weight and decay are those of the latest update.
     for s in t[k:]:
         latest = int(s) - int(s) % k
@@ -327,255 +338,60 @@ def test_power_function_schedule_keeps_both_and_the_given_one_in_its_config():
 
 
 # ---------------------------------------------------------------------------
-# The half-life's units.
+# The warm-up schedule (EMA's default) against its closed form.
+
+valid = st.fixed_dictionaries(
+    {
+        "beta": st.floats(0.0, 1.0),
+        "update_after_step": st.integers(0, 1000),
+        "update_every": st.integers(1, 50),
+        "inv_gamma": st.floats(1e-3, 1e3),
+        "power": st.floats(1e-3, 10.0),
+    }
+).flatmap(lambda hp: st.floats(0.0, hp["beta"]).map(lambda m: {**hp, "min_value": m}))
 
 
-def test_half_life_in_epochs_and_samples_resolves_to_steps():
-    epochs = HalfLifeSchedule(2.5, unit="epochs", update_every=4)
-    assert epochs.in_steps(steps_per_epoch=100) == HalfLifeSchedule(250.0, "steps", 4)
-    samples = HalfLifeSchedule(6400, unit="samples")
-    assert samples.in_steps(batch_size=32) == HalfLifeSchedule(200.0)
-    steps = HalfLifeSchedule(10)
-    assert steps.in_steps() == steps
-    # Busbridge et al.'s rule: a k-fold batch raises the decay to its k-th power.
-    small, large = samples.in_steps(batch_size=32), samples.in_steps(batch_size=128)
-    assert large.decay(10) == pytest.approx(small.decay(10) ** 4, rel=1e-12)
+def closed_form(step, beta, update_after_step, inv_gamma, power, min_value, **_):
+    e = step - update_after_step - 1
+    if e <= 0:
+        return 0.0
+    return min(max(1 - (1 + e / inv_gamma) ** -power, min_value), beta)
 
 
-@pytest.mark.parametrize(
-    ("unit", "missing", "words"),
-    [
-        ("epochs", "steps_per_epoch", "number of steps per epoch, which is unknown"),
-        ("samples", "batch_size", "needs the batch size, which is unknown"),
-    ],
-)
-def test_half_life_without_the_needed_number_is_refused(unit, missing, words):
-    schedule = HalfLifeSchedule(3, unit=unit)
-    with pytest.raises(ValueError, match=f"`{missing}` must be given: .*{words}"):
-        schedule.in_steps()
-    with pytest.raises(ValueError, match=f"Received: {missing}=None"):
-        schedule.in_steps(steps_per_epoch=None, batch_size=None)
-    with pytest.raises(ValueError, match=f"`{missing}`.*Received: {missing}=0"):
-        schedule.in_steps(**{missing: 0})
-    with pytest.raises(ValueError, match=f"`{missing}`.*Received: {missing}=2.5"):
-        schedule.in_steps(**{missing: 2.5})
+@settings(max_examples=200, deadline=None)
+@given(valid, st.integers(0, 10**7))
+def test_decay_matches_closed_form(hp, step):
+    assert WarmupSchedule(**hp).decay(step) == pytest.approx(closed_form(step, **hp))
 
 
-@pytest.mark.parametrize("unit", ["epochs", "samples"])
-def test_unresolved_half_life_gives_no_weight(unit):
-    schedule = HalfLifeSchedule(3, unit=unit, update_every=2)
-    for method in (schedule.weight, schedule.decay, schedule.compiled_weight):
-        with pytest.raises(ValueError, match=f'`unit` must be "steps".*{unit}'):
-            method(4)
-    # When it updates does not depend on the half-life.
-    assert schedule.is_due(4) and not schedule.is_due(3)
-    assert schedule.copies_all(2)
-
-
-# ---------------------------------------------------------------------------
-# Bad arguments.
-
-BAD = [
-    (BiasCorrectedSchedule, {"beta": 1.0}, "beta"),
-    (BiasCorrectedSchedule, {"beta": 1.5}, "beta"),
-    (BiasCorrectedSchedule, {"beta": -0.1}, "beta"),
-    (BiasCorrectedSchedule, {"beta": math.nan}, "beta"),
-    (BiasCorrectedSchedule, {"beta": math.inf}, "beta"),
-    (BiasCorrectedSchedule, {"beta": True}, "beta"),
-    (BiasCorrectedSchedule, {"beta": "0.9"}, "beta"),
-    (BiasCorrectedSchedule, {"beta": None}, "beta"),
-    (BiasCorrectedSchedule, {"update_every": 0}, "update_every"),
-    (BiasCorrectedSchedule, {"update_every": 2.0}, "update_every"),
-    (BiasCorrectedSchedule, {"update_every": True}, "update_every"),
-    (BiasCorrectedSchedule, {"update_every": "1"}, "update_every"),
-    (PowerFunctionSchedule, {}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": 0.05, "gamma": 7.0}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": 0.0}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": -0.05}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": SIGMA_REL_MAX}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": 0.3}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": 5e-324}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": math.nan}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": math.inf}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": True}, "sigma_rel"),
-    (PowerFunctionSchedule, {"sigma_rel": "0.05"}, "sigma_rel"),
-    (PowerFunctionSchedule, {"gamma": 0.0}, "gamma"),
-    (PowerFunctionSchedule, {"gamma": -1.0}, "gamma"),
-    (PowerFunctionSchedule, {"gamma": math.nan}, "gamma"),
-    (PowerFunctionSchedule, {"gamma": math.inf}, "gamma"),
-    (PowerFunctionSchedule, {"gamma": True}, "gamma"),
-    (PowerFunctionSchedule, {"gamma": "7"}, "gamma"),
-    (PowerFunctionSchedule, {"gamma": 7.0, "update_every": 0}, "update_every"),
-    (PowerFunctionSchedule, {"gamma": 7.0, "update_every": 1.5}, "update_every"),
-    (HalfLifeSchedule, {"half_life": 0}, "half_life"),
-    (HalfLifeSchedule, {"half_life": -10.0}, "half_life"),
-    (HalfLifeSchedule, {"half_life": math.nan}, "half_life"),
-    (HalfLifeSchedule, {"half_life": math.inf}, "half_life"),
-    (HalfLifeSchedule, {"half_life": True}, "half_life"),
-    (HalfLifeSchedule, {"half_life": "1000ba"}, "half_life"),
-    (HalfLifeSchedule, {"half_life": None}, "half_life"),
-    (HalfLifeSchedule, {"half_life": 10, "unit": "step"}, "unit"),
-    (HalfLifeSchedule, {"half_life": 10, "unit": "Steps"}, "unit"),
-    (HalfLifeSchedule, {"half_life": 10, "unit": "batches"}, "unit"),
-    (HalfLifeSchedule, {"half_life": 10, "unit": None}, "unit"),
-    (HalfLifeSchedule, {"half_life": 10, "unit": 1}, "unit"),
-    (HalfLifeSchedule, {"half_life": 10, "update_every": -1}, "update_every"),
-    (HalfLifeSchedule, {"half_life": 10, "update_every": False}, "update_every"),
-]
+@settings(max_examples=50, deadline=None)
+@given(valid, st.integers(0, 10**6))
+def test_compiled_weight_matches_decay(hp, step):
+    schedule = WarmupSchedule(**hp)
+    weight = float(ops.convert_to_numpy(schedule.compiled_weight(np.int32(step))))
+    assert weight == pytest.approx(1 - schedule.decay(step), rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize(
-    "cls", [BiasCorrectedSchedule, PowerFunctionSchedule, HalfLifeSchedule]
+    ("power", "step", "decay"),
+    [(2 / 3, 31_623, 0.999), (2 / 3, 1_000_001, 0.9999), (3 / 4, 10_001, 0.999)],
 )
-def test_bad_arguments_are_refused_naming_the_argument(cls):
-    cases = [(kwargs, name) for c, kwargs, name in BAD if c is cls]
-    assert cases
-    for kwargs, name in cases:
-        try:
-            cls(**kwargs)
-        except ValueError as error:
-            assert re.search(f"`{name}`.*Received: {name}=", str(error)), kwargs
-        else:
-            pytest.fail(f"{cls.__name__}(**{kwargs!r}) did not raise")
+def test_documented_milestones(power, step, decay):
+    schedule = WarmupSchedule(beta=1.0, update_after_step=0, power=power)
+    assert schedule.decay(step) == pytest.approx(decay, rel=2e-4)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"sigma_rel": 0.05, "gamma": 7.0}])
-def test_power_function_schedule_wants_exactly_one_of_sigma_rel_and_gamma(kwargs):
-    with pytest.raises(ValueError, match="Exactly one of `sigma_rel` and `gamma`"):
-        PowerFunctionSchedule(**kwargs)
+def test_power_one_is_a_running_average():
+    schedule = WarmupSchedule(beta=1.0, update_after_step=0, power=1.0)
+    # The counter is already advanced: the n-th sample gets weight 1/n.
+    for n in range(2, 20):
+        assert schedule.decay(n) == pytest.approx(1 - 1 / n)
 
 
-# ---------------------------------------------------------------------------
-# Step-by-step shadows of a scalar sequence.
-
-
-def replay(schedule, values):
-    """The shadow after each step, in float64, updated as the schedule says:
-    a copy when it copies, else `shadow + weight * (value - shadow)`."""
-    shadow, shadows = math.nan, []
-    for t, value in enumerate(values, start=1):
-        if schedule.copies_all(t):
-            shadow = value
-        elif schedule.is_due(t):
-            shadow = shadow + schedule.weight(t) * (value - shadow)
-        shadows.append(shadow)
-    return np.array(shadows)
-
-
-@pytest.mark.parametrize("k", [1, 3, 10])
-@pytest.mark.parametrize("beta", [0.5, 0.9, 0.999])
-def test_bias_corrected_shadow_is_the_zero_started_ema_divided(beta, k):
-    values = np.random.default_rng(0).normal(3.0, 1.0, size=2000)
-    shadows = replay(BiasCorrectedSchedule(beta=beta, update_every=k), values)
-    z = 0.0
-    for n, t in enumerate(range(k, len(values) + 1, k), start=1):
-        z = beta * z + (1.0 - beta) * values[t - 1]
-        assert shadows[t - 1] == pytest.approx(z / (1.0 - beta**n), rel=1e-12)
-        # Between updates the shadow holds.
-        assert (shadows[t - 1 : t - 1 + k] == shadows[t - 1]).all()
-
-
-def edm2_power_function_beta(std, t_next, t_delta):
-    """EDM2's `training/phema.py`, in float64 (`exp` from `std` as there)."""
-    exp = np.roots([1, 7, 16 - std**-2, 12 - std**-2]).real.max()
-    return (1 - t_delta / t_next) ** (exp + 1)
-
-
-@pytest.mark.parametrize("k", [1, 4, 10])
-@pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
-def test_power_function_weights_are_edm2s_and_weigh_the_profile(sigma_rel, k):
-    schedule = PowerFunctionSchedule(sigma_rel=sigma_rel, update_every=k)
-    last_step = 400 * k
-    t_previous = 0
-    for t in range(k, last_step + 1, k):
-        beta = edm2_power_function_beta(sigma_rel, t, t - t_previous)
-        assert schedule.weight(t) == pytest.approx(1.0 - beta, rel=1e-12)
-        t_previous = t
-    # The average weighs the value of the i-th of N updates by the profile's
-    # mass over (t_(i-1), t_i]: ((i / N) ** (g + 1) - ((i - 1) / N) ** (g + 1)).
-    values = np.random.default_rng(1).normal(size=last_step)
-    shadows = replay(schedule, values)
-    g = schedule.gamma
-    for big_n in (1, 2, 17, 400):
-        i = np.arange(1, big_n + 1)
-        mass = (i / big_n) ** (g + 1) - ((i - 1) / big_n) ** (g + 1)
-        expected = mass @ values[i * k - 1]
-        assert shadows[big_n * k - 1] == pytest.approx(expected, rel=1e-10, abs=1e-12)
-
-
-@pytest.mark.parametrize(("half_life", "k"), [(50, 1), (50, 5), (48, 3), (7, 7)])
-def test_half_life_halves_the_weight_of_values_half_life_steps_old(half_life, k):
-    schedule = HalfLifeSchedule(half_life, update_every=k)
-    last_step = 20 * half_life
-    # Values until h steps before the end are 1, later ones 0: the average is
-    # the weight of everything h or more steps old.
-    values = (np.arange(1, last_step + 1) <= last_step - half_life).astype(float)
-    assert replay(schedule, values)[-1] == pytest.approx(0.5, rel=1e-12)
-    # A single value's own weight halves in every h steps.
-    t_impulse = 5 * k
-    impulse = np.zeros(last_step)
-    impulse[t_impulse - 1] = 1.0
-    shadows = replay(schedule, impulse)
-    assert shadows[t_impulse - 1 + half_life] == pytest.approx(
-        shadows[t_impulse - 1] / 2, rel=1e-12
-    )
-
-
-# ---------------------------------------------------------------------------
-# tests/oracle.py's `ScheduledEMA` with its own rules agrees with the above.
-
-ORACLE_CASES = [
-    (
-        BiasCorrectedSchedule(beta=0.99, update_every=3),
-        oracle.bias_corrected_rule(0.99),
-    ),
-    (
-        PowerFunctionSchedule(sigma_rel=0.05, update_every=2),
-        oracle.power_function_rule(
-            oracle.sigma_rel_to_gamma_by_bisection(0.05),
-        ),
-    ),
-    (HalfLifeSchedule(30, update_every=4), oracle.half_life_rule(30)),
-]
-
-
-@pytest.mark.parametrize(
-    ("schedule", "rule"), ORACLE_CASES, ids=["bias", "power", "half_life"]
-)
-def test_the_oracle_replays_the_schedule(schedule, rule):
-    rng = np.random.default_rng(2)
-    # float32 weights, float32 shadows (float64 weights keep float64 ones).
-    online = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=4)}
-    online = {k: v.astype(np.float32) for k, v in online.items()}
-    ema = oracle.ScheduledEMA(online, rule, update_every=schedule.update_every)
-    values = rng.normal(size=(600, 10)).astype(np.float32)
-    for t, row in enumerate(values, start=1):
-        ema.update({"a": row[:6].reshape(3, 2), "b": row[6:]})
-        assert ema.get_current_decay() == pytest.approx(schedule.decay(t), rel=1e-9)
-    for column in range(10):
-        expected = replay(schedule, values[:, column])[-1]
-        actual = (
-            ema.ema["a"].ravel()[column] if column < 6 else ema.ema["b"][column - 6]
-        )
-        assert actual.dtype == np.float32
-        assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6)
-
-
-def test_the_oracle_copies_ignored_names_only_at_the_first_update():
-    online = {"kept": np.zeros(2), "ignored": np.zeros(2), "copied": np.zeros(2)}
-    ema = oracle.ScheduledEMA(
-        online,
-        oracle.half_life_rule(1.0),
-        update_every=2,
-        param_or_buffer_names_no_ema=["copied"],
-        ignore_names=["ignored"],
-    )
-    for t in range(1, 7):
-        ema.update({k: np.full(2, float(t)) for k in online})
-    np.testing.assert_array_equal(ema.ema["ignored"], 2.0)
-    np.testing.assert_array_equal(ema.ema["copied"], 6.0)
-    # Weight 3/4 at updates 2 and 3: 2 -> 3.5 -> 5.375.
-    np.testing.assert_allclose(ema.ema["kept"], 5.375)
+@settings(max_examples=100, deadline=None)
+@given(valid)
+def test_valid_hyperparameters_never_raise(hp):
+    keras_ema.EMA(**hp)
 
 
 # ---------------------------------------------------------------------------
