@@ -26,6 +26,7 @@ from keras_ema.state import check_offload
 from keras_ema.swaps import Swaps
 from keras_ema.swaps import as_model_arrays
 from keras_ema.swaps import model_values
+from keras_ema.training import Training
 
 
 class EMA(keras.callbacks.Callback):
@@ -170,11 +171,8 @@ class EMA(keras.callbacks.Callback):
         self._state = None
         self._engine = None
         self._swaps = Swaps()
-        self._undo_deferral = None
+        self._training = Training(self)
         self._swapped_profile = 0
-        self._fit_schedules = None
-        self._in_fit = False
-        self._unwrap_evaluate = None
         self._warned_skipped = 0
         self.state_store = StateStore(self, self._UNCOMPARED_OPTIONS)
 
@@ -341,7 +339,7 @@ class EMA(keras.callbacks.Callback):
                 f"{self._state.model.name!r}; create a new one for model "
                 f"{model.name!r}."
             )
-        self._finish_training()
+        self._training.finish()
         super().set_model(model)
         sidecars.attach(model, self)
         if self._state is None and model.built:
@@ -352,26 +350,11 @@ class EMA(keras.callbacks.Callback):
         fit = _internals.fit_context(self.model)
         advice.refuse_another_ema(self, fit, EMA)
         sidecars.ride_along_orbax(self.model, fit.callbacks)
-        self._fit_schedules = [
-            schedule.in_steps((self.params or {}).get("steps"), fit.batch_size)
-            for _, schedule in self._profiles
-        ]
-        if self._state is None and not self.model.built:
-            # TensorFlow builds a model that was never called in its first
-            # train step, after `on_train_begin`.
-            self._undo_deferral = backends.BACKEND_OPS.start_when_built(
-                self.model, self._start_training
-            )
-        else:
-            self._start_training()
-        self._unwrap_evaluate = _internals.wrap_evaluate(
-            self.model, self._evaluate_online_and_ema
-        )
-        self._in_fit = True
+        self._training.start(self.model, fit)
         advice.warn_about_setup(self, self.model, fit)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
-        if self._in_fit and self._state is not None:
+        if self._training.in_fit and self._state is not None:
             self._engine.start_epoch()
 
     def on_epoch_end(self, epoch, logs=None) -> None:
@@ -382,12 +365,12 @@ class EMA(keras.callbacks.Callback):
         self._warned_skipped = max(self._warned_skipped, skipped)
 
     def on_train_end(self, logs=None) -> None:
-        self._finish_training()
+        self._training.finish()
         if self._state is not None:
             advice.warn_if_never_averaged(self.step, self._state.schedules)
 
     def on_test_begin(self, logs=None) -> None:
-        if not self._in_fit:
+        if not self._training.in_fit:
             self._swaps.hook_begin(lambda: self._swap_in(0))
 
     def on_test_end(self, logs=None) -> None:
@@ -433,36 +416,6 @@ class EMA(keras.callbacks.Callback):
         state = self._require_state()
         self._engine.flush()
         return state
-
-    def _start_training(self) -> None:
-        state = self._require_state()
-        state.check_model_unchanged()
-        # A distribution may be set after the EMA was created.
-        state.placement.check(state.model, state.weights)
-        if self._fit_schedules != state.schedules:
-            # A half-life in epochs or samples, in this fit's steps. The
-            # engine's compiled code holds the schedules: it is made again.
-            self._engine.flush()
-            state.use_schedules(self._fit_schedules)
-            self._engine = backends.BACKEND_OPS.make_engine(state)
-        self._engine.install()
-
-    def _finish_training(self) -> None:
-        """Takes the EMA out of the model's training (idempotent)."""
-        self._in_fit = False
-        if self._undo_deferral is not None:
-            self._undo_deferral()
-            self._undo_deferral = None
-        if self._unwrap_evaluate is not None:
-            self._unwrap_evaluate()
-            self._unwrap_evaluate = None
-        if self._engine is not None:
-            # Kept (not dropped) so that the next `fit` reuses its compiled
-            # train function.
-            self._engine.uninstall()
-
-    def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
-        return val_ema.evaluate_online_and_ema(self, keras_evaluate, args, kwargs)
 
     def _swap_in(self, index: int) -> None:
         state = self._require_state()
