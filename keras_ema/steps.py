@@ -15,9 +15,10 @@ gives each profile's `Flags` at `t`.
 On the host (Python values), for engines that decide the schedule in
 Python and for `PostHocEMA`'s snapshot steps: `OptimizerSteps` mirrors the
 optimizer's counter (`follow` a step), `HostCounters` mirrors the EMA's
-counter with each profile's `HostFlags` (`count_step`), and `FitSteps` gives
+counter with each profile's `HostFlags` (`count_step`), `FitSteps` gives
 the EMA's counter in closed form from the optimizer's counter during one
-`fit`.
+`fit`, and `RunSteps` is `PostHocEMA`'s one mirror of the counter, inside
+and outside `fit`.
 """
 
 from __future__ import annotations
@@ -244,3 +245,43 @@ class FitSteps:
         one step per optimizer step that moved the weights."""
         moved = _moves_between(self.start_iterations, iterations, self.accumulation)
         return self.start_step + moved
+
+
+class RunSteps:
+    """The EMA's step counter mirrored on the host from the start of a run,
+    with no device read after it: counted once per `update()` outside `fit`,
+    and during a `fit` followed from the optimizer's own counter
+    (`FitSteps`).
+    """
+
+    def __init__(self) -> None:
+        # `None` until the run starts: the counter is then read again.
+        self.step = None
+        # During a `fit`: the optimizer's counter at its start.
+        self.fit = None
+
+    @property
+    def started(self) -> bool:
+        return self.step is not None
+
+    def start(self, step: int, optimizer=None) -> None:
+        """Starts from `step`, the EMA's counter read now; with `optimizer`,
+        for a `fit`, whose steps follow the optimizer's counter."""
+        self.step = step
+        self.fit = None if optimizer is None else FitSteps(optimizer, step)
+
+    def stop(self) -> None:
+        """Forgets the counter, to be read again at the next start."""
+        self.step = None
+        self.fit = None
+
+    def count_update(self) -> int:
+        """Counts one `update()` outside `fit`; returns the step after it."""
+        self.step += 1
+        return self.step
+
+    def follow(self, iterations: int) -> int:
+        """The step once the optimizer's counter is at `iterations`, during
+        a `fit`."""
+        self.step = self.fit.step_at(iterations)
+        return self.step

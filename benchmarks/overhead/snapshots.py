@@ -61,23 +61,24 @@ class SnapshotTimer:
             return self
         from unittest import mock
 
-        from keras_ema.posthoc import callback as posthoc_callback
+        from keras_ema.posthoc import snapshots as posthoc_snapshots
 
         c = self.callback
+        snapshots = c._snapshots
         patch = self._stack.enter_context
         drain = self._timed("device", self._drain)
-        take_snapshot = c._take_snapshot
+        take_snapshot = snapshots.take
 
         def drained_snapshot(step: int) -> None:
             drain()
             take_snapshot(step)
 
         patch(
-            mock.patch.object(
-                c, "_take_snapshot", self._timed("block", drained_snapshot)
-            )
+            mock.patch.object(snapshots, "take", self._timed("block", drained_snapshot))
         )
-        patch(mock.patch.object(c, "_write", self._timed("write", c._write)))
+        patch(
+            mock.patch.object(snapshots, "write", self._timed("write", snapshots.write))
+        )
         engine = c._engine
         patch(
             mock.patch.object(
@@ -94,14 +95,16 @@ class SnapshotTimer:
         )
         patch(
             mock.patch.object(
-                c._writer, "finish", self._timed("wait", c._writer.finish)
+                snapshots.writer,
+                "finish",
+                self._timed("wait", snapshots.writer.finish),
             )
         )
         patch(
             mock.patch.object(
-                posthoc_callback,
+                posthoc_snapshots,
                 "snapshot_values",
-                self._timed("buffers", posthoc_callback.snapshot_values),
+                self._timed("buffers", posthoc_snapshots.snapshot_values),
             )
         )
         return self

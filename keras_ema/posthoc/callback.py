@@ -7,8 +7,8 @@ weights (its buffers) to the host and hands them to one background thread,
 which writes them with `write_snapshot`; `PostHocRun` reads the folder
 afterwards.
 
-Which steps get a snapshot is in `keras_ema.posthoc.snapshot_steps`; the
-host copies and the background thread in `keras_ema.posthoc.writer`.
+Taking and writing the snapshots is in `keras_ema.posthoc.snapshots`; the
+step counter on the host is `keras_ema.steps.RunSteps`.
 """
 
 from __future__ import annotations
@@ -22,24 +22,17 @@ from collections.abc import Sequence
 import numpy as np
 
 from keras_ema.callback import EMA
-from keras_ema.posthoc.folder import snapshot_paths
-from keras_ema.posthoc.folder import take_over_folder
 from keras_ema.posthoc.format import disk_usage
 from keras_ema.posthoc.format import model_fingerprint
 from keras_ema.posthoc.setup_checks import check_arguments
 from keras_ema.posthoc.setup_checks import check_distinct_paths
 from keras_ema.posthoc.setup_checks import check_start_step
 from keras_ema.posthoc.setup_checks import check_steps_per_execution
-from keras_ema.posthoc.snapshot_steps import spacing_at
-from keras_ema.posthoc.snapshot_steps import thinned
-from keras_ema.posthoc.writer import WriterThread
-from keras_ema.posthoc.writer import snapshot_values
-from keras_ema.posthoc.writer import wait_for_folder
-from keras_ema.posthoc.writer import write_snapshot
+from keras_ema.posthoc.snapshots import Snapshots
 from keras_ema.saving import npz_state
 from keras_ema.saving.store import StateStore
 from keras_ema.schedule import PowerFunctionSchedule
-from keras_ema.steps import FitSteps
+from keras_ema.steps import RunSteps
 
 # The key of the run id in the state file's `extra` header object.
 _RUN_ID_KEY = "posthoc_run_id"
@@ -231,15 +224,9 @@ class PostHocEMA(EMA):
         self.verbose = verbose
         self.run_id = secrets.token_hex(16)
         self._fingerprint = None
-        # The step of the newest snapshot of this run in `directory`; `None`
-        # until the folder is checked for the current state.
-        self._last_snapshot = None
-        # Outside `fit`: the step counter mirrored on the host.
-        self._host_step = None
-        # During `fit`, once the run is checked: the counter's host mirror.
-        self._fit_steps = None
-        self._verified = set()
-        self._writer = WriterThread()
+        self._snapshots = Snapshots(self)
+        # The step counter on the host, once the run is checked.
+        self._steps = RunSteps()
         self.state_store = _RunStateStore(self, self._UNCOMPARED_OPTIONS)
 
     # ------------------------------------------------------------------
@@ -250,13 +237,13 @@ class PostHocEMA(EMA):
         snapshot if the step is a snapshot step."""
         self._require_state()
         self._require_online_weights("update()")
-        if self._host_step is None or self._last_snapshot is None:
+        snapshots = self._snapshots
+        if not self._steps.started or snapshots.last is None:
             step = self.step
-            self._start_run(step)
-            self._host_step = step
+            snapshots.start(step)
+            self._steps.start(step)
         super().update()
-        self._host_step += 1
-        self._snapshot_if_due(self._host_step)
+        snapshots.if_due(self._steps.count_update())
 
     def snapshot(self) -> int | None:
         """Writes a snapshot of the averages now, dated by the step of the
@@ -267,15 +254,15 @@ class PostHocEMA(EMA):
             The step of the snapshot, or `None` if no update happened yet.
         """
         step = self.step
-        if self._last_snapshot is None:
-            self._start_run(step)
-        return self._snapshot_latest_update(step)
+        if self._snapshots.last is None:
+            self._snapshots.start(step)
+        return self._snapshots.latest_update(step)
 
     def wait(self) -> None:
         """Waits until every snapshot handed to the background writer is in
         its file (and old ones are deleted), and raises the first error a
         write met."""
-        self._writer.close()
+        self._snapshots.wait()
 
     def get_config(self) -> dict:
         return {
@@ -301,50 +288,49 @@ class PostHocEMA(EMA):
         # Checked before `EMA` puts its update into the model's training, so
         # that a refusal leaves the model as it was.
         self._check_fit_setup()
-        self._last_snapshot = None
-        self._host_step = None
-        self._fit_steps = None
+        self._snapshots.last = None
+        self._steps.stop()
         super().on_train_begin(logs)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
         super().on_epoch_begin(epoch, logs)
-        if self._in_fit and self._fit_steps is None:
+        if self._training.in_fit and self._steps.fit is None:
             # After every `on_train_begin`: `BackupAndRestore` has restored
             # the state (and run id) there.
             with self._leaving_fit_on_error():
-                self._fit_steps = self._start_fit_run()
+                self._start_fit_run()
 
     def on_train_batch_begin(self, batch, logs=None) -> None:
-        steps = self._fit_steps
-        if steps is None or batch == 0:
+        fit = self._steps.fit
+        if fit is None or batch == 0:
             return
         with self._leaving_fit_on_error():
-            if steps.reads_device:
+            if fit.reads_device:
                 # `self.model` syncs Keras' JAX train state into the model,
                 # whose variables are empty during an epoch: only this case
                 # and a snapshot touch it here.
-                iterations = steps.read(self.model.optimizer)
+                iterations = fit.read(self.model.optimizer)
             else:
-                iterations = steps.epoch_iterations + batch  # Batches so far.
-            self._snapshot_if_due(steps.step_at(iterations))
+                iterations = fit.epoch_iterations + batch  # Batches so far.
+            self._snapshots.if_due(self._steps.follow(iterations))
 
     def on_epoch_end(self, epoch, logs=None) -> None:
         super().on_epoch_end(epoch, logs)
-        steps = self._fit_steps
-        if steps is not None:
+        fit = self._steps.fit
+        if fit is not None:
             with self._leaving_fit_on_error():
-                steps.epoch_iterations = steps.read(self.model.optimizer)
-                self._snapshot_if_due(steps.step_at(steps.epoch_iterations))
+                fit.epoch_iterations = fit.read(self.model.optimizer)
+                self._snapshots.if_due(self._steps.follow(fit.epoch_iterations))
 
     def on_train_end(self, logs=None) -> None:
-        started = self._fit_steps is not None
-        self._fit_steps = None
+        started = self._steps.fit is not None
+        self._steps.stop()
         super().on_train_end(logs)
         try:
             if started:
                 step = self.step
-                self._snapshot_if_due(step)
-                self._snapshot_latest_update(step)
+                self._snapshots.if_due(step)
+                self._snapshots.latest_update(step)
         finally:
             self.wait()
 
@@ -356,8 +342,8 @@ class PostHocEMA(EMA):
         try:
             yield
         except BaseException:
-            self._fit_steps = None
-            self._finish_training()
+            self._steps.stop()
+            self._training.finish()
             raise
 
     # ------------------------------------------------------------------
@@ -383,16 +369,16 @@ class PostHocEMA(EMA):
     def _snapshot_before_checkpoint(self) -> None:
         # A checkpoint of step `t` must not be on disk before the snapshots
         # up to `t`: a run resumed from it would never write them again.
-        if self._last_snapshot is not None and self._state is not None:
-            self._snapshot_if_due(self.step)
+        if self._snapshots.last is not None and self._state is not None:
+            self._snapshots.if_due(self.step)
         self.wait()
 
     def _take_restored_run_id(self, header: dict) -> None:
         run_id = npz_state.extra(header).get(_RUN_ID_KEY)
         if isinstance(run_id, str) and run_id:
             self.run_id = run_id
-        self._last_snapshot = None
-        self._host_step = None
+        self._snapshots.last = None
+        self._steps.stop()
 
     # ------------------------------------------------------------------
     # Internals: the run and its folder
@@ -407,82 +393,8 @@ class PostHocEMA(EMA):
             )
         check_steps_per_execution(model, self.snapshot_every, self.params)
 
-    def _start_fit_run(self) -> FitSteps:
+    def _start_fit_run(self) -> None:
         step = self.step
         check_start_step(self.model, step)
-        self._start_run(step)
-        return FitSteps(self.model.optimizer, step)
-
-    def _start_run(self, step: int) -> None:
-        """Checks that `directory` holds only this run's snapshots and
-        deletes those after `step`, the step the run goes on from."""
-        directory = self.directory
-        if os.path.exists(directory) and not os.path.isdir(directory):
-            raise ValueError(
-                "`directory` must be a folder of snapshots, but it is a file. "
-                f"Received: directory={directory!r}"
-            )
-        self.wait()
-        wait_for_folder(directory)
-        self._last_snapshot = take_over_folder(
-            directory,
-            step,
-            self._verified,
-            run_id=self.run_id,
-            fingerprint=self._fingerprint,
-            sigma_rels=self.sigma_rels,
-        )
-
-    # ------------------------------------------------------------------
-    # Internals: snapshots
-
-    def _spacing(self, step: int) -> int:
-        return spacing_at(step, self.snapshot_every, self.max_snapshots)
-
-    def _snapshot_if_due(self, step: int) -> None:
-        if step > self._last_snapshot and step % self._spacing(step) == 0:
-            self._take_snapshot(step)
-
-    def _snapshot_latest_update(self, step: int) -> int | None:
-        latest = step - step % self.update_every
-        if latest < 1:
-            return None
-        if latest > self._last_snapshot:
-            self._take_snapshot(latest)
-        return latest
-
-    def _take_snapshot(self, step: int) -> None:
-        """Copies the averages and buffers to the host, then leaves the file
-        to the background writer."""
-        # One write at a time: the host copies of a snapshot are held until
-        # it is written.
-        self._writer.finish()
-        model = self.model  # On JAX, syncs Keras' train state into the model.
-        state = self._require_state()
-        shadows = self._engine.host_shadows()
-        averaged, buffers = snapshot_values(state, shadows, model)
-        self._writer.submit(self.directory, self._write, step, averaged, buffers)
-        self._last_snapshot = step
-
-    def _write(self, step: int, averaged: dict, buffers: dict) -> None:
-        """In the writer thread: the file, then (with `max_snapshots`) the
-        deletion of the snapshots the spacing no longer keeps."""
-        path = write_snapshot(
-            self.directory,
-            step,
-            self.sigma_rels,
-            self.update_every,
-            averaged,
-            buffers,
-            self._fingerprint,
-            self.run_id,
-            self.snapshot_dtype,
-        )
-        self._verified.add(path)
-        if self.max_snapshots is None:
-            return
-        files = snapshot_paths(self.directory)
-        for other in thinned(files, step, self._spacing(step)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(other)
-            self._verified.discard(other)
+        self._snapshots.start(step)
+        self._steps.start(step, self.model.optimizer)
