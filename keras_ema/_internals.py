@@ -147,7 +147,7 @@ def tf_optimization_barrier(values) -> list:
 
     TF's own XLA op (`tensorflow.compiler.tf2xla`) has no public name; it is
     the one way to keep XLA from fusing away a narrow weight's rounding
-    (see the TensorFlow backend's `as_stored`).
+    (see `backends.base.as_stored`).
     """
     from tensorflow.compiler.tf2xla.python.xla import optimization_barrier
 

@@ -51,6 +51,30 @@ def assign_each(model, backup) -> None:
         variable.assign(value)
 
 
+def as_stored(values, dtypes, barrier) -> list:
+    """`values` with each one narrower than its shadow's dtype read as stored.
+
+    Inside one XLA computation, a bfloat16 or float16 weight that the
+    optimizer has just computed in float32 and that the EMA casts back to
+    float32 may skip its rounding (XLA allows excess precision), so the EMA
+    would average values the model never held. The backend's optimization
+    barrier (`barrier`, a function of a list of values returning them) makes
+    the update read the stored weight.
+    """
+    narrow = [
+        i
+        for i, (value, dtype) in enumerate(zip(values, dtypes, strict=True))
+        if keras.backend.standardize_dtype(value.dtype) != dtype
+    ]
+    if not narrow:
+        return list(values)
+    values = list(values)
+    stored = barrier([values[i] for i in narrow])
+    for i, value in zip(narrow, stored, strict=True):
+        values[i] = value
+    return values
+
+
 class Placement:
     """Where the shadows and counters live, and how they are created.
 

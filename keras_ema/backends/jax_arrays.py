@@ -25,26 +25,9 @@ def fresh_copy(value, dtype):
 
 
 def as_stored(values, dtypes) -> list:
-    """`values` with each one narrower than its shadow's dtype read as stored.
-
-    Inside one XLA computation, a bfloat16 or float16 weight that the
-    optimizer has just computed in float32 and that the EMA casts back to
-    float32 may skip its rounding (XLA allows excess precision), so the EMA
-    would average values the model never held. An optimization barrier
-    makes the update read the stored weight.
-    """
-    narrow = [
-        i
-        for i, (value, dtype) in enumerate(zip(values, dtypes, strict=True))
-        if keras.backend.standardize_dtype(value.dtype) != dtype
-    ]
-    if not narrow:
-        return list(values)
-    values = list(values)
-    stored = jax.lax.optimization_barrier([values[i] for i in narrow])
-    for i, value in zip(narrow, stored, strict=True):
-        values[i] = value
-    return values
+    """`values` read as stored inside one XLA computation (see
+    `base.as_stored`), with JAX's optimization barrier."""
+    return base.as_stored(values, dtypes, jax.lax.optimization_barrier)
 
 
 def _index_key(index) -> tuple:

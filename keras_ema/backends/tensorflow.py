@@ -85,20 +85,9 @@ def _mostly_large(variables) -> bool:
 
 
 def as_stored(values, dtypes) -> list:
-    """`values` with each one narrower than its shadow's dtype read as
-    stored, under XLA (see the JAX backend's `as_stored`)."""
-    narrow = [
-        i
-        for i, (value, dtype) in enumerate(zip(values, dtypes, strict=True))
-        if keras.backend.standardize_dtype(value.dtype) != dtype
-    ]
-    if not narrow:
-        return list(values)
-    values = list(values)
-    stored = _internals.tf_optimization_barrier([values[i] for i in narrow])
-    for i, value in zip(narrow, stored, strict=True):
-        values[i] = value
-    return values
+    """`values` read as stored inside one XLA computation (see
+    `base.as_stored`), with TensorFlow's XLA optimization barrier."""
+    return base.as_stored(values, dtypes, _internals.tf_optimization_barrier)
 
 
 def _packs(model) -> bool:
