@@ -7,8 +7,8 @@ Afterwards `PostHocRun` mixes the snapshots linearly into the EMA of any other
 relative width `sigma_rel`, at any snapshot step.
 
 - `callback`: `PostHocEMA`, which tracks the EMAs and writes the snapshots,
-  with `setup_checks` (its refusals) and `snapshot_steps` (which steps, and
-  thinning);
+  with `setup_checks` (its refusals) and `snapshots` (which steps get a
+  snapshot, taking, writing and thinning them);
 - `format`: the snapshot files: names, header and entries, the stored dtypes,
   `model_fingerprint`, the disk space they take;
 - `writer`: `write_snapshot`, and the host copies and background thread of

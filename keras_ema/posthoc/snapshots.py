@@ -1,9 +1,25 @@
-"""The snapshots of one `PostHocEMA` run: its folder taken over, a snapshot
-taken on the steps that get one, written by the background thread and, with
-`max_snapshots`, the files the spacing no longer keeps deleted.
+"""The snapshots of one `PostHocEMA` run: which steps get one, its folder
+taken over, a snapshot taken on those steps, written by the background
+thread and, with `max_snapshots`, the files the spacing no longer keeps
+deleted (the host copies and the background thread are in
+`keras_ema.posthoc.writer`).
 
-Which steps get a snapshot is in `keras_ema.posthoc.snapshot_steps`; the
-host copies and the background thread in `keras_ema.posthoc.writer`.
+Which steps get a snapshot: every `snapshot_every`-th step, the spacing
+doubled as often as needed to keep at most `max_snapshots` files
+(`spacing_at`), and the files it no longer keeps (`thinned`). When to
+snapshot is decided on the host, from the EMA's step counter (`RunSteps`
+in `keras_ema.steps`). During `fit` that counter is the counter at the
+start of the `fit` (read once) plus the optimizer steps since: each batch
+with a plain optimizer, every `gradient_accumulation_steps`-th batch under
+gradient accumulation, and with a `LossScaleOptimizer` (whose skipped steps
+only the device knows) what its inner optimizer's counter says, read back
+at every batch. The count is made in `on_train_batch_begin`, which Keras
+calls in its training thread before the next step; `on_train_batch_end` is
+not used: Keras would either run it in a worker thread while the next step
+already changes the values to copy, or, for a callback that is not
+async-safe, convert every batch's logs to Python numbers first, a device
+sync per step. The last step of an epoch is seen in `on_epoch_end`, where
+the optimizer's counter is read.
 """
 
 from __future__ import annotations
@@ -13,12 +29,28 @@ import os
 
 from keras_ema.posthoc.folder import snapshot_paths
 from keras_ema.posthoc.folder import take_over_folder
-from keras_ema.posthoc.snapshot_steps import spacing_at
-from keras_ema.posthoc.snapshot_steps import thinned
 from keras_ema.posthoc.writer import WriterThread
 from keras_ema.posthoc.writer import snapshot_values
 from keras_ema.posthoc.writer import wait_for_folder
 from keras_ema.posthoc.writer import write_snapshot
+
+
+def spacing_at(step: int, snapshot_every: int, max_snapshots: int | None) -> int:
+    """The steps between regular snapshots once the counter is at `step`:
+    `snapshot_every`, doubled as often as `max_snapshots - 1` requires."""
+    spacing = snapshot_every
+    if max_snapshots is not None:
+        while step // spacing > max_snapshots - 1:
+            spacing *= 2
+    return spacing
+
+
+def thinned(files: list, step: int, spacing: int) -> list:
+    """The paths of the snapshots before `step` that `spacing` no longer
+    keeps, among `files`, `(step, path)` pairs."""
+    return [
+        path for file_step, path in files if file_step < step and file_step % spacing
+    ]
 
 
 class Snapshots:
