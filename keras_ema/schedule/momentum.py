@@ -34,7 +34,7 @@ class ConstantSchedule(_PeriodicSchedule):
     `ema_momentum=beta`), of the keras-io examples' EMA networks
     (`ema = 0.999`), and the Polyak averaging of target networks in
     reinforcement learning, whose `tau` is `1 - beta` (`tau=0.005` in DDPG,
-    TD3 and SAC). Unlike Keras' `use_ema`, the first update copies the
+    TD3 and SAC). As in Keras' `use_ema`, the first update copies the
     online weights, so the average never starts from another initialization.
 
     An update happens after every `update_every`-th optimizer step, the first
@@ -51,6 +51,7 @@ class ConstantSchedule(_PeriodicSchedule):
     >>> target = keras_ema.ConstantSchedule(beta=1 - 0.005)  # Polyak, tau=0.005
     >>> round(target.weight(10), 6)
     0.005
+    >>> ema = keras_ema.EMA(schedule=target)
 
     Args:
         beta: The decay of every update after the first, in `[0, 1]`:
@@ -122,6 +123,7 @@ class CosineSchedule(_PeriodicSchedule):
     >>> per_fit = keras_ema.CosineSchedule(0.996)
     >>> per_fit.in_steps(steps_per_epoch=100, epochs=30).total_steps
     3000
+    >>> teacher = keras_ema.EMA(schedule=per_fit)  # K set by each `fit`.
 
     Args:
         start: The decay at the first step, in `[0, end]`.
