@@ -320,3 +320,46 @@ def test_cosine_without_total_steps_in_a_fit_of_unknown_length_is_refused():
     )
     assert replay.checked == 6
     assert ema.get_current_decay() == 1.0
+
+
+def test_cosine_without_total_steps_outside_fit_says_what_is_missing(tmp_path):
+    model = make_model()
+    ema = keras_ema.EMA(schedule=CosineSchedule(0.9))
+    ema.set_model(model)
+    before = ema_values(ema)
+    with pytest.raises(ValueError, match="`total_steps` must be known"):
+        ema.get_current_decay()
+    with pytest.raises(ValueError, match="`total_steps` must be known"):
+        ema.update()
+    assert ema.step == 0
+    assert_bit_equal(before, ema_values(ema))
+    # Its state file keeps the schedule as given.
+    ema.save_state(str(tmp_path / "ema.npz"))
+    clone = keras_ema.EMA.from_config(ema.get_config())
+    clone.set_model(model)
+    clone.load_state(str(tmp_path / "ema.npz"))
+    assert_bit_equal(before, ema_values(clone))
+
+
+@pytest.mark.parametrize("update_every", [1, 3])
+@pytest.mark.parametrize("name", sorted(MOMENTUM_IN_FIT))
+def test_momentum_schedules_outside_fit_match_the_oracle(name, update_every):
+    schedule, rule = MOMENTUM_IN_FIT[name]
+    schedule = type(schedule).from_config(
+        {**schedule.get_config(), "update_every": update_every}
+    )
+    model = make_model()
+    ema = keras_ema.EMA(schedule=schedule)
+    ema.set_model(model)
+    mirror = oracle.ScheduledEMA(float_weights(model), rule, update_every)
+    rng = np.random.default_rng(5)
+    for _ in range(24):
+        for weight in model.weights:
+            if keras.backend.is_float_dtype(weight.dtype):
+                noise = rng.normal(scale=0.1, size=weight.shape).astype("float32")
+                weight.assign(keras.ops.convert_to_numpy(weight.value) + noise)
+        ema.update()
+        mirror.update(float_weights(model))
+        assert ema.step == mirror.step
+        assert ema.get_current_decay() == pytest.approx(mirror.decay, rel=1e-12)
+        assert_close(mirror.ema, ema_values(ema))
