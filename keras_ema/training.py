@@ -34,7 +34,11 @@ class Training:
         context)."""
         ema = self._ema
         self._fit_schedules = [
-            schedule.in_steps((ema.params or {}).get("steps"), fit.batch_size)
+            schedule.in_steps(
+                (ema.params or {}).get("steps"),
+                fit.batch_size,
+                epochs=(ema.params or {}).get("epochs"),
+            )
             for _, schedule in ema._profiles
         ]
         if ema._state is None and not model.built:
