@@ -305,11 +305,22 @@ class EMA(keras.callbacks.Callback):
         Example:
 
         >>> ema = keras_ema.EMA(schedule=keras_ema.ConstantSchedule(0.999))
-        >>> ema.set_model(student)
+        >>> ema.set_model(model)  # the student
         >>> teacher = ema.averaged_model()
-        >>> trainer = MeanTeacher(student, teacher)  # calls both in its loss
+        >>> class Distilled(keras.Model):
+        ...     def __init__(self, student, teacher):
+        ...         super().__init__()
+        ...         self.student, self.teacher = student, teacher
+        ...     def call(self, x):
+        ...         return self.student(x)
+        ...     def compute_loss(self, x, y, y_pred, *args, **kwargs):
+        ...         target = keras.ops.stop_gradient(self.teacher(x))
+        ...         return keras.ops.mean((y_pred - y) ** 2) + keras.ops.mean(
+        ...             (y_pred - target) ** 2
+        ...         )
+        >>> trainer = Distilled(model, teacher)
         >>> trainer.compile(optimizer="adam")
-        >>> trainer.fit(x, y, epochs=10, callbacks=[ema])
+        >>> trainer.fit(x, y, epochs=2, callbacks=[ema], verbose=0)
 
         Args:
             profile: A name from `profiles`; `None` for the first profile.
