@@ -105,9 +105,7 @@ def jax_state_writer(model, variables) -> Callable:
     others are left out."""
     slots = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
     slots.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
-    positions = [
-        (k, slots[id(v)]) for k, v in enumerate(variables) if id(v) in slots
-    ]
+    positions = [(k, slots[id(v)]) for k, v in enumerate(variables) if id(v) in slots]
 
     def write(keras_state, values):
         if not positions:
@@ -440,3 +438,18 @@ def jax_values_while_tracing(variables, values):
     finally:
         for variable, value in zip(variables, saved, strict=True):
             variable._value = value
+
+
+def in_compiled_step() -> bool:
+    """Whether the caller runs inside a step that Keras traces: JAX's train,
+    test and predict steps run in a `StatelessScope` (also when eager), and
+    TensorFlow's are graphs. Keras exposes the scope only privately."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    if in_stateless_scope():
+        return True
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    return False

@@ -252,6 +252,7 @@ class EMA(keras.callbacks.Callback):
             profile: A name from `profiles`; `None` for the first profile.
                 Defaults to `None`.
         """
+        averaged.refuse_in_compiled_step("get_weights()")
         index = self._profile_index(profile)
         state = self._flushed_state()
         shadows = state.profiles[index].shadows
@@ -274,6 +275,7 @@ class EMA(keras.callbacks.Callback):
             profile: A name from `profiles`; `None` for the first profile.
                 Defaults to `None`.
         """
+        averaged.refuse_in_compiled_step("swap_weights()")
         index = self._profile_index(profile)
         if self._swaps.in_block and index != self._swapped_profile:
             raise ValueError(
