@@ -483,3 +483,13 @@ def test_teacher_in_validation_and_evaluate_is_current(hold):
         assert trainer.evaluate(x, y, verbose=0) == pytest.approx(
             expected_loss(), rel=1e-5
         )
+
+
+def test_another_ema_of_the_trainer_leaves_the_teacher_out():
+    student, ema, teacher, trainer = make_trainer(hold=True)
+    x, y = data()
+    trainer(x[:1])
+    whole = keras_ema.EMA()
+    whole.set_model(trainer)
+    assert whole.tracked_paths == ema.tracked_paths
+    assert all(v is not w for v in whole.variables for w in teacher.weights)
