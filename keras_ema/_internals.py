@@ -453,3 +453,36 @@ def in_compiled_step() -> bool:
 
         return not tf.executing_eagerly()
     return False
+
+
+def all_layers(model) -> list:
+    """Every layer of `model`, nested ones included (`Layer._flatten_layers`).
+
+    `model.layers` lists only the direct children; Keras has no public
+    recursive walk, and `recalibrate_batchnorm` must find the
+    BatchNormalization layers of nested models and custom layers."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def input_batches(x, batch_size, steps):
+    """The input batches of `x` as `model.predict` reads them (arrays,
+    `tf.data.Dataset`, `PyDataset`, generators), as NumPy-convertible
+    values, at most `steps` of them.
+
+    Keras' data adapters (`keras.src.trainers.data_adapters`) turn every
+    input `predict` accepts into batches; no public function exposes them
+    outside a `fit`, `evaluate` or `predict`."""
+    from keras.src.trainers import data_adapters
+
+    adapter = data_adapters.get_data_adapter(
+        x=x, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
+    )
+    adapter.on_epoch_begin()
+    try:
+        for step, data in enumerate(adapter.get_numpy_iterator()):
+            if steps is not None and step >= steps:
+                break
+            inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            yield inputs
+    finally:
+        adapter.on_epoch_end()

@@ -17,6 +17,7 @@ import keras
 
 from keras_ema import averaged
 from keras_ema import backends
+from keras_ema import batchnorm
 from keras_ema.saving.store import require_held_here
 from keras_ema.swaps import as_model_arrays
 from keras_ema.swaps import model_values
@@ -142,3 +143,44 @@ class EMAWeights:
         shadows = state.profiles[index].shadows
         self._swaps.swap_in(state.model, state.weights, [s.value for s in shadows])
         self._swapped_profile = index
+
+    def recalibrate_batchnorm(
+        self,
+        x,
+        batch_size: int | None = None,
+        steps: int | None = None,
+        profile: str | None = None,
+    ) -> None:
+        """Recomputes the BatchNormalization statistics for the EMA weights.
+
+        Runs the EMA weights of a profile over `x` in training mode, without
+        changing any variable, and stores in that profile's shadows each
+        trainable `BatchNormalization` layer's `moving_mean` and
+        `moving_variance`: the average over the batches of each batch's mean
+        and variance, as the layer computes them in training (one batch
+        gives that batch's statistics exactly), like PyTorch's `update_bn`.
+        `evaluate`/`predict` with the callback, `swap_weights()`,
+        `get_weights()`, `EMAModelCheckpoint` and the averaged model then
+        use them. The online weights, their statistics and the other
+        profiles do not change. Call it after training or before an
+        evaluation: the next update of the EMA blends the statistics again.
+        Dropout is active during the pass, as in training.
+
+        Example:
+
+        >>> ema = keras_ema.EMA(beta=0.99, update_after_step=0, update_every=1)
+        >>> model.fit(x, y, epochs=2, callbacks=[ema], verbose=0)
+        >>> ema.recalibrate_batchnorm(x, batch_size=32)
+        >>> model.evaluate(x_val, y_val, callbacks=[ema], verbose=0)
+
+        Args:
+            x: Input data, as `model.predict` takes it: arrays, a
+                `tf.data.Dataset`, a `keras.utils.PyDataset` or a generator.
+            batch_size: Samples per batch for arrays. Defaults to `None`
+                (32, as in `predict`).
+            steps: How many batches to read. Defaults to `None` (all of
+                them).
+            profile: A name from `profiles`; `None` for the first profile.
+                Defaults to `None`.
+        """
+        batchnorm.recalibrate(self, x, batch_size, steps, profile)
