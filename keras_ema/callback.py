@@ -42,7 +42,10 @@ class EMA(EMAWeights, keras.callbacks.Callback):
     EMA of the article "EMA in deep learning: principles, implementation and
     experiments" (`BiasCorrectedSchedule`), the power-function EMA of
     Karras et al. (`PowerFunctionSchedule`), a half-life in steps, epochs or
-    samples (`HalfLifeSchedule`). With `profiles={"fast": ..., "slow": ...}`
+    samples (`HalfLifeSchedule`), a constant decay for target networks
+    (`ConstantSchedule`), the BYOL/DINO teacher momentum (`CosineSchedule`).
+    `averaged_model()` gives a Keras model computing with the EMA weights,
+    for teachers and target networks that training calls. With `profiles={"fast": ..., "slow": ...}`
     the callback keeps several averages of the same weights, all updated in
     one fused update that reads each weight once; each is logged and
     validated under its name.
@@ -109,7 +112,7 @@ class EMA(EMAWeights, keras.callbacks.Callback):
             Defaults to `"both"`.
         schedule: A schedule object (`keras_ema.WarmupSchedule`,
             `BiasCorrectedSchedule`, `PowerFunctionSchedule`,
-            `HalfLifeSchedule`) in place of the warm-up arguments above,
+            `HalfLifeSchedule`, `ConstantSchedule`, `CosineSchedule`) in place of the warm-up arguments above,
             which must then keep their defaults. Defaults to `None` (the
             warm-up schedule of those arguments).
         profiles: A dict of names (Python identifiers) to schedule objects:
