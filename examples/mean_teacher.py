@@ -44,6 +44,8 @@ BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 INPUT_NOISE = 0.3
 CONSISTENCY = 10.0
+REPEAT_LABELLED = 9
+RAMPUP = 0.3
 SCHEDULES = {
     "cosine": lambda: keras_ema.CosineSchedule(0.99, 1.0),
     "constant": lambda: keras_ema.ConstantSchedule(0.99),
@@ -106,18 +108,28 @@ class MeanTeacher(keras.Model):
         teacher: keras.Model,
         consistency: float,
         seed: int,
+        rampup_steps: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.student = student
         self.teacher = teacher
         self.consistency = consistency
+        self.rampup_steps = rampup_steps
+        # Counts the training steps for the ramp-up (the optimizer's own
+        # counter is not part of the state `compute_loss` sees on JAX).
+        self.steps = self.add_weight(
+            shape=(), initializer="zeros", trainable=False, name="steps"
+        )
         self.noise_seed = keras.random.SeedGenerator(seed)
 
     def noisy(self, x):
-        return x + INPUT_NOISE * keras.random.normal(
-            ops.shape(x), seed=self.noise_seed
-        )
+        return x + INPUT_NOISE * keras.random.normal(ops.shape(x), seed=self.noise_seed)
+
+    def rampup(self):
+        """The sigmoid ramp-up of the mean teacher's paper, from 0 to 1."""
+        progress = ops.minimum(self.steps / self.rampup_steps, 1.0)
+        return ops.exp(-5.0 * ops.square(1.0 - progress))
 
     def call(self, x, training=False):
         if training:
@@ -136,7 +148,10 @@ class MeanTeacher(keras.Model):
             # The teacher of step k is the EMA after step k - 1.
             teacher_logits = self.teacher(self.noisy(x), training=False)
             gap = ops.softmax(y_pred) - ops.softmax(teacher_logits)
-            loss = loss + self.consistency * ops.mean(ops.sum(ops.square(gap), -1))
+            if training:
+                self.steps.assign_add(1.0)
+            weight = self.consistency * self.rampup()
+            loss = loss + weight * ops.mean(ops.sum(ops.square(gap), -1))
         return loss
 
 
@@ -155,11 +170,18 @@ def train(
     ema = keras_ema.EMA(schedule=SCHEDULES[schedule]())
     ema.set_model(student)
     teacher = ema.averaged_model()
-    trainer = MeanTeacher(student, teacher, consistency, seed)
+    x, y = data.x_train, data.y_train
+    labelled = np.flatnonzero(y >= 0)
+    x = np.concatenate([x] + [x[labelled]] * REPEAT_LABELLED)
+    y = np.concatenate([y] + [y[labelled]] * REPEAT_LABELLED)
+    steps = epochs * int(np.ceil(len(x) / BATCH_SIZE))
+    trainer = MeanTeacher(
+        student, teacher, consistency, seed, rampup_steps=int(RAMPUP * steps)
+    )
     trainer.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE))
     trainer.fit(
-        data.x_train,
-        data.y_train,
+        x,
+        y,
         batch_size=BATCH_SIZE,
         epochs=epochs,
         shuffle=True,
