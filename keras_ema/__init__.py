@@ -6,6 +6,8 @@ from keras_ema.checkpoint import EMAOrbaxCheckpoint
 from keras_ema.posthoc import PostHocRun
 from keras_ema.posthoc.callback import PostHocEMA
 from keras_ema.schedule import BiasCorrectedSchedule
+from keras_ema.schedule import ConstantSchedule
+from keras_ema.schedule import CosineSchedule
 from keras_ema.schedule import HalfLifeSchedule
 from keras_ema.schedule import PowerFunctionSchedule
 from keras_ema.schedule import Schedule
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "EMA",
     "BiasCorrectedSchedule",
+    "ConstantSchedule",
+    "CosineSchedule",
     "EMAModelCheckpoint",
     "EMAOrbaxCheckpoint",
     "HalfLifeSchedule",

@@ -98,6 +98,28 @@ def jax_state_weights(model, weights) -> Callable:
     return locate
 
 
+def jax_state_writer(model, variables) -> Callable:
+    """`write(keras_state, values)`: Keras' JAX train state (see
+    `jax_state_weights`) with each of `variables` that is one of the
+    model's set to its value in `values` (aligned with `variables`); the
+    others are left out."""
+    slots = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
+    slots.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
+    positions = [
+        (k, slots[id(v)]) for k, v in enumerate(variables) if id(v) in slots
+    ]
+
+    def write(keras_state, values):
+        if not positions:
+            return keras_state
+        groups = [list(keras_state[0]), list(keras_state[1])]
+        for k, (group, index) in positions:
+            groups[group][index] = values[k]
+        return (*groups, *keras_state[2:])
+
+    return write
+
+
 def jax_state_optimizer_variable(model, variable) -> Callable:
     """Maps one optimizer variable to its value in Keras' JAX train state
     (slot 2 of the tuple described in `jax_state_weights`)."""
@@ -365,3 +387,56 @@ def torch_variable_storage(variable, tensor) -> None:
     import torch
 
     variable._value = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def use_variables(model, replacements: dict) -> None:
+    """Makes every layer of `model` hold `replacements[id(v)]` wherever it
+    held the variable `v`.
+
+    A Keras layer keeps its variables in two lists (`_trainable_variables`,
+    `_non_trainable_variables`, read by `weights`) and in the attributes its
+    `call` reads (`self.kernel`, or lists of them); no public method makes a
+    layer compute with a variable it did not create, which the averaged
+    model (a clone computing with the EMA's shadows) needs. Attributes are
+    set with `object.__setattr__`: Keras' tracker would file a variable in a
+    list a second time by its `trainable` flag. The torch backend's
+    parameter dict of each layer is dropped, to be made again from the new
+    variables when read.
+    """
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        for store in (layer._trainable_variables, layer._non_trainable_variables):
+            store[:] = [replacements.get(id(v), v) for v in store]
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, keras.Variable) and id(value) in replacements:
+                object.__setattr__(layer, name, replacements[id(value)])
+            elif isinstance(value, list) and not name.startswith("_"):
+                value[:] = [
+                    replacements.get(id(v), v) if isinstance(v, keras.Variable) else v
+                    for v in value
+                ]
+        if keras.backend.backend() == "torch" and hasattr(layer, "_torch_params"):
+            del layer._torch_params
+
+
+@contextlib.contextmanager
+def jax_values_while_tracing(variables, values):
+    """Makes each JAX variable of `variables` read as the matching traced
+    value of `values` while a jitted step is traced.
+
+    Keras' JAX train step maps the model's own variables to its traced
+    state in a `StatelessScope`; any other variable the step reads is taken
+    from its `_value` (`KerasVariable.value`), a concrete array the trace
+    captures as a constant. An averaged model called in the step without
+    being a sublayer of the model would then compute with the shadows as
+    they were when the step was traced, for ever. Setting `_value` to the
+    traced shadows for the trace, and back right after, makes them inputs of
+    the compiled step.
+    """
+    saved = [variable._value for variable in variables]
+    try:
+        for variable, value in zip(variables, values, strict=True):
+            variable._value = value
+        yield
+    finally:
+        for variable, value in zip(variables, saved, strict=True):
+            variable._value = value

@@ -12,7 +12,9 @@ from keras import ops
 
 from keras_ema import _internals
 from keras_ema import advice
+from keras_ema import averaged
 from keras_ema import backends
+from keras_ema import binding
 from keras_ema import profiles as profiles_
 from keras_ema import val_ema
 from keras_ema.saving import sidecars
@@ -23,6 +25,7 @@ from keras_ema.state import Filters
 from keras_ema.state import ShadowState
 from keras_ema.state import check_names
 from keras_ema.state import check_offload
+from keras_ema.state import tracked_weights
 from keras_ema.swaps import Swaps
 from keras_ema.swaps import as_model_arrays
 from keras_ema.swaps import model_values
@@ -170,6 +173,7 @@ class EMA(keras.callbacks.Callback):
         self.validate = val_ema.check_validate(validate)
         self._state = None
         self._engine = None
+        self._tracked = None
         self._swaps = Swaps()
         self._training = Training(self)
         self._swapped_profile = 0
@@ -190,6 +194,13 @@ class EMA(keras.callbacks.Callback):
         """How many updates were skipped because a weight was NaN or Inf."""
         state = self._flushed_state()
         return int(ops.convert_to_numpy(state.skipped))
+
+    @property
+    def tracked_model(self) -> keras.Model | None:
+        """The model whose weights are averaged: the first one given to
+        `set_model` (by `ema.set_model(model)` or by `fit`), also when a
+        later `fit` trains a model that contains it."""
+        return self._tracked
 
     @property
     def variables(self) -> list:
@@ -244,9 +255,9 @@ class EMA(keras.callbacks.Callback):
         index = self._profile_index(profile)
         state = self._flushed_state()
         shadows = state.profiles[index].shadows
-        values = model_values(self.model, state.weights, shadows)
+        values = model_values(state.model, state.weights, shadows)
         require_held_here("get_weights()", values)
-        return as_model_arrays(self.model, values)
+        return as_model_arrays(state.model, values)
 
     @contextlib.contextmanager
     def swap_weights(self, profile: str | None = None) -> Iterator[keras.Model]:
@@ -270,8 +281,50 @@ class EMA(keras.callbacks.Callback):
                 f"profile {self.profile_names[self._swapped_profile]!r}: the "
                 "model can hold one profile's weights at a time."
             )
-        with self._swaps.block(self.model, lambda: self._swap_in(index)):
-            yield self.model
+        with self._swaps.block(self._tracked, lambda: self._swap_in(index)):
+            yield self._tracked
+
+    def averaged_model(self, profile: str | None = None) -> keras.Model:
+        """A model of the tracked model's architecture that computes with the
+        EMA weights, for a teacher, a target network or sampling.
+
+        Its averaged weights are the EMA's shadow variables themselves: no
+        copy, nothing to sync; each update of the EMA (in `fit`, after each
+        due optimizer step, or `update()`) is what its next call computes
+        with, also inside the compiled train step that calls it, on every
+        backend. Its other weights (integer weights, weights the name
+        filters copy or leave alone) are the tracked model's own variables.
+        It is not trainable (`trainable_weights == []`; its
+        BatchNormalization layers run in inference mode), the same object
+        on every call for a profile, and a plain Keras model: it can be
+        called anywhere, held by another model, and saved with `save()`.
+        Its first values are the online weights when the EMA's state was
+        created. Do not set it `trainable`: an optimizer would then move
+        the shadows.
+
+        Example:
+
+        >>> ema = keras_ema.EMA(schedule=keras_ema.ConstantSchedule(0.999))
+        >>> ema.set_model(student)
+        >>> teacher = ema.averaged_model()
+        >>> trainer = MeanTeacher(student, teacher)  # calls both in its loss
+        >>> trainer.compile(optimizer="adam")
+        >>> trainer.fit(x, y, epochs=10, callbacks=[ema])
+
+        Args:
+            profile: A name from `profiles`; `None` for the first profile.
+                Defaults to `None`.
+        """
+        index = self._profile_index(profile)
+        state = self._require_state()
+        model = state.averaged_models.get(index)
+        if model is None:
+            model = averaged.averaged_model(state, index)
+            self._engine.flush()
+            state.averaged_models[index] = model
+            # The engine lays the shadows out for the averaged model to read.
+            self._engine = self._training.remade_engine(self._engine)
+        return model
 
     def copy_to_model(self) -> None:
         """Writes the EMA weights into the model for good (e.g. before
@@ -329,20 +382,29 @@ class EMA(keras.callbacks.Callback):
     # Keras hooks
 
     def set_model(self, model) -> None:
+        """Binds the EMA to `model` (the first call), or gives it the model
+        a `fit`, `evaluate` or `predict` runs: the tracked model or one that
+        contains it. Called by Keras; call it yourself before `fit` to
+        average a part of the model that `fit` trains.
+
+        Args:
+            model: A Keras model.
+        """
+        tracked = self._tracked
+        if tracked is not None and tracked is not model:
+            binding.require_contained(tracked, self._tracked_weights(), model)
         # Inside `swap_weights()` an `evaluate(callbacks=[ema])` sets the
         # model again: the swapped-in EMA weights must stay.
         if not self._swaps.in_block and self._state is not None:
             self._swaps.repair(self._state.model)
-        if self._state is not None and self._state.model is not model:
-            raise ValueError(
-                "This `EMA` callback already tracks model "
-                f"{self._state.model.name!r}; create a new one for model "
-                f"{model.name!r}."
-            )
         self._training.finish()
         super().set_model(model)
+        if tracked is None:
+            self._tracked = model
         sidecars.attach(model, self)
-        if self._state is None and model.built:
+        if self._state is not None:
+            self._state.fit_model = model
+        elif self._tracked.built:
             self._create_state()
 
     def on_train_begin(self, logs=None) -> None:
@@ -374,20 +436,20 @@ class EMA(keras.callbacks.Callback):
             self._swaps.hook_begin(lambda: self._swap_in(0))
 
     def on_test_end(self, logs=None) -> None:
-        self._swaps.hook_end(self.model)
+        self._swaps.hook_end(self._tracked)
 
     def on_predict_begin(self, logs=None) -> None:
         self._swaps.hook_begin(lambda: self._swap_in(0))
 
     def on_predict_end(self, logs=None) -> None:
-        self._swaps.hook_end(self.model)
+        self._swaps.hook_end(self._tracked)
 
     # ------------------------------------------------------------------
     # Internals
 
     def _create_state(self) -> None:
         self._state = ShadowState(
-            self.model,
+            self._tracked,
             self._profiles,
             Filters(
                 self.param_or_buffer_names_no_ema,
@@ -398,11 +460,17 @@ class EMA(keras.callbacks.Callback):
             backends.BACKEND_OPS.make_placement(self.offload_to_host),
             trainable_only=self._trainable_only,
         )
+        self._state.fit_model = self.model
         self._engine = backends.BACKEND_OPS.make_engine(self._state)
+
+    def _tracked_weights(self) -> list:
+        if self._state is not None:
+            return self._state.weights
+        return tracked_weights(self._tracked, self._trainable_only)
 
     def _require_state(self) -> ShadowState:
         if self._state is None:
-            if getattr(self, "_model", None) is None:
+            if self._tracked is None:
                 raise ValueError(
                     "This `EMA` callback has no model yet. Pass it to "
                     "`model.fit(..., callbacks=[ema])` or call "
@@ -419,11 +487,11 @@ class EMA(keras.callbacks.Callback):
 
     def _swap_in(self, index: int) -> None:
         state = self._require_state()
-        self._swaps.repair(self.model)
+        self._swaps.repair(state.model)
         state.check_model_unchanged()
         self._engine.flush()
         shadows = state.profiles[index].shadows
-        self._swaps.swap_in(self.model, state.weights, [s.value for s in shadows])
+        self._swaps.swap_in(state.model, state.weights, [s.value for s in shadows])
         self._swapped_profile = index
 
     def _profile_index(self, profile: str | None) -> int:
@@ -437,4 +505,4 @@ class EMA(keras.callbacks.Callback):
                 "weights there. Call it after the block."
             )
         if self._state is not None:
-            self._swaps.repair(self.model)
+            self._swaps.repair(self._state.model)

@@ -159,6 +159,10 @@ class ShadowState:
         trainable_only: bool = False,
     ):
         self.model = model
+        # The model whose `fit` runs the updates (`model`, or a model that
+        # contains it), and the averaged models by profile index.
+        self.fit_model = model
+        self.averaged_models: dict[int, keras.Model] = {}
         self.offload = offload
         self.trainable_only = trainable_only
         self.weights = tracked_weights(model, trainable_only)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from keras_ema import _internals
 from keras_ema import backends
+from keras_ema import binding
 from keras_ema import val_ema
 
 
@@ -33,7 +34,11 @@ class Training:
         context)."""
         ema = self._ema
         self._fit_schedules = [
-            schedule.in_steps((ema.params or {}).get("steps"), fit.batch_size)
+            schedule.in_steps(
+                (ema.params or {}).get("steps"),
+                fit.batch_size,
+                epochs=(ema.params or {}).get("epochs"),
+            )
             for _, schedule in ema._profiles
         ]
         if ema._state is None and not model.built:
@@ -67,6 +72,9 @@ class Training:
         ema = self._ema
         state = ema._require_state()
         state.check_model_unchanged()
+        binding.require_contained(state.model, state.weights, state.fit_model)
+        if ema._engine.model is not state.fit_model:
+            ema._engine = self.remade_engine(ema._engine)
         # A distribution may be set after the EMA was created.
         state.placement.check(state.model, state.weights)
         if self._fit_schedules != state.schedules:
@@ -76,6 +84,17 @@ class Training:
             state.use_schedules(self._fit_schedules)
             ema._engine = backends.BACKEND_OPS.make_engine(state)
         ema._engine.install()
+
+    def remade_engine(self, engine):
+        """A new engine for the EMA's state, after `engine` (flushed and
+        out of the training): for another model's `fit`, or shadows laid out
+        for an averaged model. Put into the training if one runs."""
+        installed = engine.installed()
+        engine.uninstall()
+        new = backends.BACKEND_OPS.make_engine(self._ema._state)
+        if installed:
+            new.install()
+        return new
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
         return val_ema.evaluate_online_and_ema(self._ema, keras_evaluate, args, kwargs)

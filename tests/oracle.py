@@ -110,6 +110,28 @@ def half_life_rule(half_life_steps: float):
     return rule
 
 
+def constant_rule(beta: float):
+    """Polyak averaging, `target = (1 - tau) * target + tau * online`:
+    `tau = 1 - beta` at every update."""
+
+    def rule(n, t_n, delta_n):
+        return 1.0 - beta
+
+    return rule
+
+
+def cosine_rule(start: float, end: float, total_steps: int):
+    """BYOL's momentum at step k of K,
+    `end - (end - start) * (cos(pi * k / K) + 1) / 2`, held from step K on."""
+
+    def rule(n, t_n, delta_n):
+        k = min(t_n, total_steps)
+        rising = (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
+        return 1.0 - (end - (end - start) * rising)
+
+    return rule
+
+
 def sigma_rel_to_gamma_by_bisection(sigma_rel: float) -> float:
     """`gamma` with `sqrt((g + 1) / ((g + 2)**2 (g + 3))) == sigma_rel`, by
     bisection on that decreasing function (EDM2 solves a cubic instead)."""

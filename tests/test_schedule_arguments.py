@@ -1,5 +1,6 @@
-"""The schedules' arguments: the half-life's units, and bad arguments
-refused naming the argument, the schedules' and EMA's."""
+"""The schedules' arguments: the half-life's units, the cosine's length from
+a `fit`, and bad arguments refused naming the argument, the schedules' and
+EMA's."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from hypothesis import strategies as st
 
 import keras_ema
 from keras_ema import BiasCorrectedSchedule
+from keras_ema import ConstantSchedule
+from keras_ema import CosineSchedule
 from keras_ema import HalfLifeSchedule
 from keras_ema import PowerFunctionSchedule
+from keras_ema import WarmupSchedule
 from keras_ema.schedule import SIGMA_REL_MAX
 
 # ---------------------------------------------------------------------------
@@ -61,6 +65,70 @@ def test_unresolved_half_life_gives_no_weight(unit):
     # When it updates does not depend on the half-life.
     assert schedule.is_due(4) and not schedule.is_due(3)
     assert schedule.copies_all(2)
+
+
+# ---------------------------------------------------------------------------
+# The cosine's length: `total_steps`, or the epochs times steps of a `fit`.
+
+
+def test_cosine_without_total_steps_spans_the_fits_steps():
+    schedule = CosineSchedule(0.99, end=0.999, update_every=3)
+    resolved = schedule.in_steps(steps_per_epoch=12, batch_size=8, epochs=5)
+    assert resolved == CosineSchedule(0.99, 0.999, 60, 3)
+    assert schedule.total_steps is None  # Frozen: a new schedule is returned.
+    # A schedule given its length keeps it, whatever the fit.
+    given = CosineSchedule(0.99, total_steps=7)
+    assert given.in_steps(steps_per_epoch=12, epochs=5) is given
+    assert given.in_steps() is given
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        ({"epochs": 3}, "steps_per_epoch"),
+        ({"steps_per_epoch": 10}, "epochs"),
+        ({}, "steps_per_epoch"),
+    ],
+)
+def test_cosine_without_the_fits_numbers_is_refused(given, missing):
+    schedule = CosineSchedule(0.99)
+    with pytest.raises(
+        ValueError,
+        match=f"`{missing}` must be given: a cosine schedule without "
+        f"`total_steps` spans the `fit`.*steps per epoch.*Received: {missing}=None",
+    ):
+        schedule.in_steps(**given)
+    with pytest.raises(ValueError, match=f"`{missing}`.*Received: {missing}=0"):
+        schedule.in_steps(**{"steps_per_epoch": 10, "epochs": 3, missing: 0})
+    with pytest.raises(ValueError, match=f"`{missing}`.*Received: {missing}=2.5"):
+        schedule.in_steps(**{"steps_per_epoch": 10, "epochs": 3, missing: 2.5})
+
+
+def test_unresolved_cosine_gives_no_weight():
+    schedule = CosineSchedule(0.99, update_every=2)
+    for method in (schedule.weight, schedule.decay, schedule.compiled_weight):
+        with pytest.raises(ValueError, match="`total_steps` must be known.*None"):
+            method(4)
+    # When it updates does not depend on its length.
+    assert schedule.is_due(4) and not schedule.is_due(3)
+    assert schedule.copies_all(2)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        WarmupSchedule(),
+        BiasCorrectedSchedule(0.9),
+        PowerFunctionSchedule(gamma=7.0),
+        HalfLifeSchedule(10),
+        ConstantSchedule(0.9),
+        CosineSchedule(0.9, total_steps=100),
+    ],
+    ids=repr,
+)
+def test_every_schedule_takes_the_fits_epochs(schedule):
+    assert schedule.in_steps(steps_per_epoch=3, batch_size=4, epochs=5) == schedule
+    assert schedule.in_steps(None, None, epochs=None) == schedule
 
 
 # ---------------------------------------------------------------------------
@@ -112,11 +180,47 @@ BAD_SCHEDULE_ARGUMENTS = [
     (HalfLifeSchedule, {"half_life": 10, "unit": 1}, "unit"),
     (HalfLifeSchedule, {"half_life": 10, "update_every": -1}, "update_every"),
     (HalfLifeSchedule, {"half_life": 10, "update_every": False}, "update_every"),
+    (ConstantSchedule, {"beta": 1.5}, "beta"),
+    (ConstantSchedule, {"beta": -0.1}, "beta"),
+    (ConstantSchedule, {"beta": math.nextafter(1.0, 2.0)}, "beta"),
+    (ConstantSchedule, {"beta": math.nan}, "beta"),
+    (ConstantSchedule, {"beta": math.inf}, "beta"),
+    (ConstantSchedule, {"beta": True}, "beta"),
+    (ConstantSchedule, {"beta": "0.99"}, "beta"),
+    (ConstantSchedule, {"beta": None}, "beta"),
+    (ConstantSchedule, {"beta": 0.99, "update_every": 0}, "update_every"),
+    (ConstantSchedule, {"beta": 0.99, "update_every": 2.0}, "update_every"),
+    (ConstantSchedule, {"beta": 0.99, "update_every": True}, "update_every"),
+    (CosineSchedule, {"start": -0.1}, "start"),
+    (CosineSchedule, {"start": 1.5}, "start"),
+    (CosineSchedule, {"start": math.nan}, "start"),
+    (CosineSchedule, {"start": True}, "start"),
+    (CosineSchedule, {"start": "0.996"}, "start"),
+    (CosineSchedule, {"start": None}, "start"),
+    (CosineSchedule, {"start": 0.9, "end": 0.5}, "start"),
+    (CosineSchedule, {"start": 0.9, "end": 1.5}, "end"),
+    (CosineSchedule, {"start": 0.9, "end": math.nan}, "end"),
+    (CosineSchedule, {"start": 0.9, "end": None}, "end"),
+    (CosineSchedule, {"start": 0.9, "total_steps": 0}, "total_steps"),
+    (CosineSchedule, {"start": 0.9, "total_steps": -5}, "total_steps"),
+    (CosineSchedule, {"start": 0.9, "total_steps": 100.0}, "total_steps"),
+    (CosineSchedule, {"start": 0.9, "total_steps": True}, "total_steps"),
+    (CosineSchedule, {"start": 0.9, "total_steps": 2**31}, "total_steps"),
+    (CosineSchedule, {"start": 0.9, "total_steps": "1000"}, "total_steps"),
+    (CosineSchedule, {"start": 0.9, "update_every": 0}, "update_every"),
+    (CosineSchedule, {"start": 0.9, "update_every": 1.5}, "update_every"),
 ]
 
 
 @pytest.mark.parametrize(
-    "cls", [BiasCorrectedSchedule, PowerFunctionSchedule, HalfLifeSchedule]
+    "cls",
+    [
+        BiasCorrectedSchedule,
+        PowerFunctionSchedule,
+        HalfLifeSchedule,
+        ConstantSchedule,
+        CosineSchedule,
+    ],
 )
 def test_bad_arguments_are_refused_naming_the_argument(cls):
     cases = [(kwargs, name) for c, kwargs, name in BAD_SCHEDULE_ARGUMENTS if c is cls]
@@ -128,6 +232,14 @@ def test_bad_arguments_are_refused_naming_the_argument(cls):
             assert re.search(f"`{name}`.*Received: {name}=", str(error)), kwargs
         else:
             pytest.fail(f"{cls.__name__}(**{kwargs!r}) did not raise")
+
+
+def test_cosine_start_above_end_is_refused():
+    with pytest.raises(
+        ValueError, match="`start` must not exceed `end`.*start=0.9, end=0.5"
+    ):
+        CosineSchedule(0.9, end=0.5)
+    assert CosineSchedule(0.9, 0.9, total_steps=3).decay(5) == 0.9  # Constant.
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"sigma_rel": 0.05, "gamma": 7.0}])

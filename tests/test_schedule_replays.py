@@ -1,16 +1,28 @@
 """The schedules step by step: the shadows of scalar sequences against the
 schedules' defining properties (the zero-started EMA, EDM2's profile, the
-half-life), and tests/oracle.py's `ScheduledEMA` against the schedules."""
+half-life, Polyak averaging, BYOL's cosine), tests/oracle.py's
+`ScheduledEMA` against the schedules, and the constant and cosine schedules
+replayed in `fit` against it."""
 
 from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import oracle
 import pytest
+from conftest import assert_bit_equal
+from conftest import assert_close
+from conftest import ema_values
+from conftest import float_weights
+from conftest import make_data
+from conftest import make_model
 
+import keras_ema
 from keras_ema import BiasCorrectedSchedule
+from keras_ema import ConstantSchedule
+from keras_ema import CosineSchedule
 from keras_ema import HalfLifeSchedule
 from keras_ema import PowerFunctionSchedule
 
@@ -90,6 +102,42 @@ def test_half_life_halves_the_weight_of_values_half_life_steps_old(half_life, k)
     )
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("beta", [0.0, 0.9, 0.995, 1.0])
+def test_constant_shadow_is_polyaks_average_of_the_first_copy(beta, k):
+    values = np.random.default_rng(3).normal(size=300 * k)
+    shadows = replay(ConstantSchedule(beta, update_every=k), values)
+    tau = 1.0 - beta
+    # The n-th update sees the value of step n * k; the first one is copied.
+    for n in (1, 2, 5, 300):
+        seen = values[np.arange(1, n + 1) * k - 1]
+        mass = tau * beta ** (n - np.arange(1, n + 1))
+        mass[0] = beta ** (n - 1)
+        assert shadows[n * k - 1] == pytest.approx(mass @ seen, rel=1e-11, abs=1e-12)
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.996, 1.0), (0.5, 0.9), (0.0, 1.0)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_cosine_shadow_weighs_each_value_by_byols_momentum(start, end, k):
+    big_k = 60 * k
+    values = np.random.default_rng(4).normal(size=90 * k)
+    shadows = replay(CosineSchedule(start, end, big_k, k), values)
+    # BYOL's tau_k at the update after each step t_n = n * k, the first a copy.
+    t_n = np.arange(1, 91) * k
+    tau = end - (end - start) * (np.cos(np.pi * np.minimum(t_n, big_k) / big_k) + 1) / 2
+    lerp = 1.0 - tau
+    lerp[0] = 1.0
+    for n in (1, 2, 30, 60, 90):
+        # The value of update j keeps its own weight, times every later decay.
+        mass = [lerp[j] * np.prod(tau[j + 1 : n]) for j in range(n)]
+        assert shadows[n * k - 1] == pytest.approx(
+            np.dot(mass, values[t_n[:n] - 1]), rel=1e-9, abs=1e-12
+        )
+    if end == 1.0:
+        # From step K on the decay is 1: the teacher stops moving.
+        assert (shadows[big_k - 1 :] == shadows[big_k - 1 - k]).all()
+
+
 # ---------------------------------------------------------------------------
 # tests/oracle.py's `ScheduledEMA` with its own rules agrees with the above.
 
@@ -105,11 +153,18 @@ ORACLE_CASES = [
         ),
     ),
     (HalfLifeSchedule(30, update_every=4), oracle.half_life_rule(30)),
+    (ConstantSchedule(0.99, update_every=2), oracle.constant_rule(0.99)),
+    (
+        CosineSchedule(0.9, end=0.999, total_steps=500, update_every=3),
+        oracle.cosine_rule(0.9, 0.999, 500),
+    ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("schedule", "rule"), ORACLE_CASES, ids=["bias", "power", "half_life"]
+    ("schedule", "rule"),
+    ORACLE_CASES,
+    ids=["bias", "power", "half_life", "constant", "cosine"],
 )
 def test_the_oracle_replays_the_schedule(schedule, rule):
     rng = np.random.default_rng(2)
@@ -145,3 +200,166 @@ def test_the_oracle_copies_ignored_names_only_at_the_first_update():
     np.testing.assert_array_equal(ema.ema["copied"], 6.0)
     # Weight 3/4 at updates 2 and 3: 2 -> 3.5 -> 5.375.
     np.testing.assert_allclose(ema.ema["kept"], 5.375)
+
+
+# ---------------------------------------------------------------------------
+# The constant and cosine schedules in `fit` (compiled, Keras' default
+# `jit_compile`), step by step against `ScheduledEMA`.
+
+
+class Replay(keras.callbacks.Callback):
+    """Replays every optimizer step into one oracle per profile and compares
+    the shadows after each."""
+
+    def __init__(self, ema, oracles: dict):
+        super().__init__()
+        self.ema = ema
+        self.oracles = oracles
+        self.checked = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        weights = float_weights(self.model)
+        floats = [keras.backend.is_float_dtype(w.dtype) for w in self.model.weights]
+        for profile, mirror in self.oracles.items():
+            mirror.update(weights)
+            assert self.ema.step == mirror.step
+            every = zip(self.ema.get_weights(profile), floats, strict=True)
+            values = [value for value, is_float in every if is_float]
+            assert_close(mirror.ema, dict(zip(weights, values, strict=True)))
+        self.checked += 1
+
+
+MOMENTUM_IN_FIT = {
+    "constant": (ConstantSchedule(0.9), oracle.constant_rule(0.9)),
+    # K = 20 of the fit's 24 steps: the frozen end is replayed too.
+    "cosine": (
+        CosineSchedule(0.5, total_steps=20),
+        oracle.cosine_rule(0.5, 1.0, 20),
+    ),
+}
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offload"])
+@pytest.mark.parametrize("update_every", [1, 3])
+@pytest.mark.parametrize("name", sorted(MOMENTUM_IN_FIT))
+def test_momentum_schedules_in_fit_match_the_oracle(name, update_every, offload):
+    schedule, rule = MOMENTUM_IN_FIT[name]
+    schedule = type(schedule).from_config(
+        {**schedule.get_config(), "update_every": update_every}
+    )
+    model = make_model()
+    ema = keras_ema.EMA(schedule=schedule, offload_to_host=offload)
+    mirror = oracle.ScheduledEMA(float_weights(model), rule, update_every)
+    replay = Replay(ema, {None: mirror})
+    x, y = make_data(96)
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, callbacks=[ema, replay]
+    )
+    assert replay.checked == 24
+    assert history.history["ema_decay"][-1] == pytest.approx(mirror.decay, rel=1e-6)
+    assert ema.get_current_decay() == pytest.approx(mirror.decay, rel=1e-12)
+
+
+def test_cosine_without_total_steps_spans_the_fit_beside_a_constant_profile():
+    # 12 batches of 8 per epoch, 2 epochs: K = 24, the fit's last step.
+    model = make_model()
+    ema = keras_ema.EMA(
+        profiles={
+            "teacher": CosineSchedule(0.6, end=0.95),
+            "target": ConstantSchedule(1 - 0.2, update_every=2),
+        }
+    )
+    online = float_weights(model)
+    mirrors = {
+        "teacher": oracle.ScheduledEMA(online, oracle.cosine_rule(0.6, 0.95, 24)),
+        "target": oracle.ScheduledEMA(online, oracle.constant_rule(0.8), 2),
+    }
+    replay = Replay(ema, mirrors)
+    x, y = make_data(96)
+    history = model.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, callbacks=[ema, replay]
+    )
+    assert replay.checked == 24
+    assert ema.get_current_decay("teacher") == pytest.approx(0.95, rel=1e-12)
+    assert ema.get_current_decay("target") == 0.8
+    assert history.history["ema_teacher_decay"][-1] == pytest.approx(0.95)
+    # The config keeps the schedule as given, its length left to each fit.
+    config = ema.get_config()["profiles"]["teacher"]["config"]
+    assert config["total_steps"] is None
+
+
+def test_cosine_without_total_steps_in_a_fit_of_unknown_length_is_refused():
+    model = make_model()
+    ema = keras_ema.EMA(schedule=CosineSchedule(0.9))
+    ema.set_model(model)
+    before = ema_values(ema)
+    x, y = make_data(48)
+
+    def batches():
+        while True:
+            for start in range(0, len(x), 8):
+                yield x[start : start + 8], y[start : start + 8]
+
+    def finite():
+        yield from ((x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8))
+
+    with pytest.raises(ValueError, match="`steps_per_epoch` must be given.*steps per"):
+        model.fit(finite(), epochs=2, shuffle=False, verbose=0, callbacks=[ema])
+    assert ema.step == 0
+    assert_bit_equal(before, ema_values(ema))
+    # Told the steps per epoch, the same EMA spans 2 x 3 steps.
+    mirror = oracle.ScheduledEMA(float_weights(model), oracle.cosine_rule(0.9, 1, 6))
+    replay = Replay(ema, {None: mirror})
+    model.fit(
+        batches(),
+        steps_per_epoch=3,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[ema, replay],
+    )
+    assert replay.checked == 6
+    assert ema.get_current_decay() == 1.0
+
+
+def test_cosine_without_total_steps_outside_fit_says_what_is_missing(tmp_path):
+    model = make_model()
+    ema = keras_ema.EMA(schedule=CosineSchedule(0.9))
+    ema.set_model(model)
+    before = ema_values(ema)
+    with pytest.raises(ValueError, match="`total_steps` must be known"):
+        ema.get_current_decay()
+    with pytest.raises(ValueError, match="`total_steps` must be known"):
+        ema.update()
+    assert ema.step == 0
+    assert_bit_equal(before, ema_values(ema))
+    # Its state file keeps the schedule as given.
+    ema.save_state(str(tmp_path / "ema.npz"))
+    clone = keras_ema.EMA.from_config(ema.get_config())
+    clone.set_model(model)
+    clone.load_state(str(tmp_path / "ema.npz"))
+    assert_bit_equal(before, ema_values(clone))
+
+
+@pytest.mark.parametrize("update_every", [1, 3])
+@pytest.mark.parametrize("name", sorted(MOMENTUM_IN_FIT))
+def test_momentum_schedules_outside_fit_match_the_oracle(name, update_every):
+    schedule, rule = MOMENTUM_IN_FIT[name]
+    schedule = type(schedule).from_config(
+        {**schedule.get_config(), "update_every": update_every}
+    )
+    model = make_model()
+    ema = keras_ema.EMA(schedule=schedule)
+    ema.set_model(model)
+    mirror = oracle.ScheduledEMA(float_weights(model), rule, update_every)
+    rng = np.random.default_rng(5)
+    for _ in range(24):
+        for weight in model.weights:
+            if keras.backend.is_float_dtype(weight.dtype):
+                noise = rng.normal(scale=0.1, size=weight.shape).astype("float32")
+                weight.assign(keras.ops.convert_to_numpy(weight.value) + noise)
+        ema.update()
+        mirror.update(float_weights(model))
+        assert ema.step == mirror.step
+        assert ema.get_current_decay() == pytest.approx(mirror.decay, rel=1e-12)
+        assert_close(mirror.ema, ema_values(ema))

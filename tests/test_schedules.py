@@ -1,7 +1,7 @@
 """Every schedule against its formula: the bias-corrected, power-function,
-half-life and warm-up schedules' host and compiled weights against NumPy
-transcriptions of their formulas, their properties over random arguments,
-sigma_rel and gamma, and their public API."""
+half-life, constant, cosine and warm-up schedules' host and compiled weights
+against NumPy transcriptions of their formulas, their properties over random
+arguments, sigma_rel and gamma, and their public API."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from keras import ops
 
 import keras_ema
 from keras_ema import BiasCorrectedSchedule
+from keras_ema import ConstantSchedule
+from keras_ema import CosineSchedule
 from keras_ema import HalfLifeSchedule
 from keras_ema import PowerFunctionSchedule
 from keras_ema import WarmupSchedule
@@ -203,6 +205,114 @@ def test_bias_corrected_weight_is_accurate_near_one_after_millions_of_updates():
 
 
 # ---------------------------------------------------------------------------
+# The momentum schedules: Polyak's constant decay and BYOL's cosine.
+
+
+def momentum_decays(schedule, t_n):
+    """The decay of the update after each step `t_n`, from the sources'
+    formulas: a constant `beta`, or BYOL's
+    `end - (end - start) * (cos(pi * min(t, K) / K) + 1) / 2`."""
+    if isinstance(schedule, ConstantSchedule):
+        return np.full(len(t_n), schedule.beta)
+    k, big_k = np.minimum(t_n, schedule.total_steps), schedule.total_steps
+    start, end = schedule.start, schedule.end
+    return end - (end - start) * (np.cos(np.pi * k / big_k) + 1.0) / 2.0
+
+
+def momentum_reference(schedule, last_step):
+    """The weight and the decay the schedule should give at steps `1..T`:
+    the first update copies (weight 1, decay 0), each later one has its
+    formula's decay, held until the next update."""
+    k = schedule.update_every
+    t_n, _ = update_times(k, last_step)
+    decays = momentum_decays(schedule, t_n.astype(np.float64))
+    decays[0] = 0.0
+    weights = weights_per_step(1.0 - decays, t_n, last_step)
+    made = np.arange(1, last_step + 1) >= k
+    return weights, np.where(made, 1.0 - weights, 0.0)
+
+
+MOMENTUM_SCHEDULES = [
+    ConstantSchedule(0.999),
+    ConstantSchedule(0.9, update_every=3),
+    ConstantSchedule(1.0, update_every=2),
+    ConstantSchedule(0.0),
+    CosineSchedule(0.996, total_steps=3000),
+    CosineSchedule(0.99, end=0.9995, total_steps=1000, update_every=4),
+    CosineSchedule(0.5, total_steps=4999, update_every=7),
+    CosineSchedule(0.0, end=0.0, total_steps=10),
+    CosineSchedule(0.9, end=0.9, total_steps=1, update_every=2),
+]
+
+
+@pytest.mark.parametrize("schedule", MOMENTUM_SCHEDULES, ids=repr)
+def test_momentum_host_weights_and_decays_match_the_formula(schedule):
+    last_step = 5000
+    weights, decays = momentum_reference(schedule, last_step)
+    steps = range(1, last_step + 1)
+    np.testing.assert_allclose(
+        [schedule.decay(t) for t in steps], decays, rtol=1e-12, atol=1e-15
+    )
+    # The transcription's weight `1 - decay` is exact to 1e-16 only, not
+    # relatively: close to the cosine's end the weight is ~1e-9.
+    np.testing.assert_allclose(
+        [schedule.weight(t) for t in steps], weights, rtol=1e-10, atol=1e-15
+    )
+
+
+@pytest.mark.parametrize("schedule", MOMENTUM_SCHEDULES, ids=repr)
+def test_momentum_compiled_weights_match_the_formula(schedule):
+    last_step = 5000
+    weights, _ = momentum_reference(schedule, last_step)
+    actual = compiled(schedule.compiled_weight, all_steps(last_step))
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(actual, weights, rtol=2e-6)
+
+
+@pytest.mark.parametrize("schedule", MOMENTUM_SCHEDULES[::2], ids=repr)
+def test_momentum_scalar_compiled_methods_agree_with_the_host(schedule):
+    test_scalar_compiled_methods_agree_with_the_host(schedule)
+
+
+@pytest.mark.parametrize("schedule", MOMENTUM_SCHEDULES[1::3], ids=repr)
+def test_momentum_compiled_methods_trace(schedule):
+    test_compiled_methods_trace(schedule)
+
+
+def test_cosine_weight_is_accurate_in_float32_close_to_its_end():
+    big_k = 10**7
+    schedule = CosineSchedule(0.996, total_steps=big_k)
+    steps = np.array([big_k - 10**4, big_k - 100, big_k - 1], dtype=np.int32)
+    # (1 + cos(pi (K - r) / K)) / 2 = sin(pi r / (2 K)) ** 2, r the steps left.
+    exact = 0.004 * np.sin(np.pi * (big_k - steps) / (2 * big_k)) ** 2
+    np.testing.assert_allclose(compiled(schedule.compiled_weight, steps), exact, 2e-6)
+    # The formula as written, in float32, is what this guards against: a
+    # step before the end its weight is far off.
+    cosine = np.cos(np.float32(np.pi) * steps.astype(np.float32) / np.float32(big_k))
+    naive = np.float32(0.004) * (cosine + np.float32(1)) / np.float32(2)
+    assert abs(naive[-1] / exact[-1] - 1) > 0.1
+
+
+def test_cosine_rises_from_start_to_end_and_holds():
+    schedule = CosineSchedule(0.9, end=0.999, total_steps=100, update_every=2)
+    decays = [schedule.decay(t) for t in range(4, 201)]
+    assert decays == sorted(decays)
+    assert schedule.decay(4) == pytest.approx(0.9, abs=1e-3)
+    assert schedule.decay(100) == schedule.decay(200) == pytest.approx(0.999)
+    # BYOL's end: the teacher stops moving.
+    frozen = CosineSchedule(0.996, total_steps=50)
+    assert frozen.weight(50) == frozen.weight(10**6) == 0.0
+    assert compiled(frozen.compiled_weight, np.int32(2**31 - 1)) == 0.0
+
+
+def test_constant_decay_is_beta_itself():
+    for beta in [0.999, 0.99, 1 - 0.005, 0.123456789, 1 - 2.0**-40]:
+        schedule = ConstantSchedule(beta, update_every=2)
+        assert [schedule.decay(t) for t in range(1, 8)] == [0.0] * 3 + [beta] * 4
+        assert schedule.weight(4) == 1.0 - beta
+
+
+# ---------------------------------------------------------------------------
 # Properties over random hyperparameters and steps.
 
 MAX_UPDATE_EVERY = 100
@@ -230,6 +340,41 @@ schedules = st.one_of(
     st.builds(HalfLifeSchedule, half_life=half_lives, update_every=update_every),
 )
 
+unit_interval = st.floats(0.0, 1.0)
+total_steps = st.integers(1, 2**31 - 1)
+momentum_schedules = st.one_of(
+    st.builds(ConstantSchedule, beta=unit_interval, update_every=update_every),
+    st.tuples(unit_interval, unit_interval).flatmap(
+        lambda ends: st.builds(
+            CosineSchedule,
+            start=st.just(min(ends)),
+            end=st.just(max(ends)),
+            total_steps=total_steps,
+            update_every=update_every,
+        )
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(momentum_schedules, steps)
+def test_momentum_weights_and_decays_lie_in_zero_one(schedule, t):
+    # A decay of 1 (weight 0) keeps the shadow: BYOL's end, or `beta=1`.
+    assert 0.0 <= schedule.weight(t) <= 1.0
+    assert 0.0 <= schedule.decay(t) <= 1.0
+    if isinstance(schedule, CosineSchedule):
+        assert schedule.decay(t) == (
+            0.0 if t < schedule.update_every else 1.0 - schedule.weight(t)
+        )
+        lowest, highest = schedule.start, schedule.end
+    else:
+        lowest = highest = schedule.beta
+    if t >= 2 * schedule.update_every:
+        assert lowest - 1e-15 <= schedule.decay(t) <= highest + 1e-15
+    weight = compiled(schedule.compiled_weight, np.int32(t))
+    assert 0.0 <= weight <= 1.0
+    assert weight == pytest.approx(schedule.weight(t), rel=2e-6, abs=1e-12)
+
 
 @settings(max_examples=300, deadline=None)
 @given(schedules, steps)
@@ -244,7 +389,7 @@ def test_weights_lie_in_zero_one_and_decays_in_zero_one(schedule, t):
 
 
 @settings(max_examples=100, deadline=None)
-@given(schedules)
+@given(st.one_of(schedules, momentum_schedules))
 def test_the_first_update_copies_and_updates_come_every_update_every_steps(
     schedule,
 ):
@@ -280,12 +425,21 @@ def test_the_first_update_copies_and_updates_come_every_update_every_steps(
 
 
 @settings(max_examples=100, deadline=None)
-@given(schedules)
+@given(
+    st.one_of(
+        schedules,
+        momentum_schedules,
+        st.builds(CosineSchedule, start=unit_interval, update_every=update_every),
+    )
+)
 def test_config_round_trips(schedule):
     config = schedule.get_config()
     rebuilt = type(schedule).from_config(config)
     assert rebuilt == schedule
     assert rebuilt.get_config() == config
+    serialized = keras_ema.schedule.serialize(schedule)
+    assert serialized["class_name"] == type(schedule).__name__
+    assert keras_ema.schedule.deserialize(serialized) == schedule
 
 
 def test_beta_zero_copies_at_every_update():
@@ -404,13 +558,44 @@ def test_schedules_are_exported():
         "BiasCorrectedSchedule",
         "PowerFunctionSchedule",
         "HalfLifeSchedule",
+        "ConstantSchedule",
+        "CosineSchedule",
     ]:
         assert name in keras_ema.__all__
         assert issubclass(getattr(keras_ema, name), keras_ema.Schedule)
 
 
 @pytest.mark.parametrize(
-    "cls", [BiasCorrectedSchedule, PowerFunctionSchedule, HalfLifeSchedule]
+    "kwargs",
+    [
+        dict(schedule=ConstantSchedule(0.995, update_every=2)),
+        dict(schedule=CosineSchedule(0.996)),
+        dict(
+            profiles={
+                "teacher": CosineSchedule(0.99, end=0.999, total_steps=500),
+                "target": ConstantSchedule(1 - 0.005),
+            }
+        ),
+    ],
+    ids=["constant", "cosine", "profiles"],
+)
+def test_momentum_schedules_round_trip_through_the_callbacks_config(kwargs):
+    ema = keras_ema.EMA(**kwargs)
+    config = ema.get_config()
+    clone = keras_ema.EMA.from_config(config)
+    assert clone.get_config() == config
+    assert clone._profiles == ema._profiles
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        BiasCorrectedSchedule,
+        PowerFunctionSchedule,
+        HalfLifeSchedule,
+        ConstantSchedule,
+        CosineSchedule,
+    ],
 )
 def test_docstring_examples_run(cls):
     runner = doctest.DocTestRunner()

@@ -111,7 +111,9 @@ class Engine:
 
     def __init__(self, state):
         self.state = state
-        self.model = state.model
+        # The model whose `fit` runs the updates: the tracked one, or one
+        # that contains it.
+        self.model = state.fit_model
         self._keras_train_function = None
         self._ema_train_function = None
 
@@ -127,6 +129,11 @@ class Engine:
             self._keras_train_function = current
             self._ema_train_function = self.build_train_function()
         self.model.train_function = self._ema_train_function
+
+    def installed(self) -> bool:
+        """Whether the model trains with this engine's train function."""
+        train_function = self._ema_train_function
+        return train_function is not None and self.model.train_function is train_function
 
     def uninstall(self) -> None:
         if (
@@ -198,7 +205,7 @@ def gated(state) -> bool:
     some profile updates only every few steps, or a step may not move the
     weights."""
     return not every_step_due(state.schedules) or optimizer_may_skip(
-        state.model.optimizer
+        state.fit_model.optimizer
     )
 
 

@@ -52,7 +52,11 @@ class Engine(base.Engine):
 
     def __init__(self, state):
         super().__init__(state)
-        self.packing = Packing(state.shadows, state.kinds, replicated)
+        # An averaged model computes with the shadow variables themselves:
+        # one array each, which the variables hold between steps.
+        self.averaged = bool(state.averaged_models)
+        placement = (lambda shadow: None) if self.averaged else replicated
+        self.packing = Packing(state.shadows, state.kinds, placement)
         self._arrays = None
         self._pending = 0
         self._host = None
@@ -138,6 +142,11 @@ class Engine(base.Engine):
 
     def start_epoch(self) -> None:
         self._first_step = True
+        if self.averaged:
+            # Made now, from the variables: an averaged model held by the
+            # model is among its variables, which Keras' first step of an
+            # epoch empties until the epoch's end.
+            self.arrays()
 
     def build_train_function(self):
         model = self.model
@@ -150,7 +159,7 @@ class Engine(base.Engine):
         if keras_shardings is not None:
             ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
         may_skip = optimizer_may_skip(model.optimizer)
-        if may_skip or every_step_due(self.state.schedules):
+        if may_skip or every_step_due(self.state.schedules) or self.averaged:
             fused_step = self._fused_step(guard, may_skip)
             if jitted:
                 out_shardings = keras_shardings
@@ -176,14 +185,17 @@ class Engine(base.Engine):
         iterations, accumulation = optimizer_step_rule(model.optimizer)
         locate = _internals.jax_state_weights(model, state.weights)
         iterations_of = _internals.jax_state_optimizer_variable(model, iterations)
-        keras_train_step = model.train_step
+        keras_train_step = self._with_shadows_read(model.train_step)
         run_update = update.update_when_due if base.gated(state) else update.update_all
         updated = self._profiles_updated(run_update, guard)
         dtypes = self.packing.shadow_dtypes
 
         def fused_step(keras_state, ema, data, pending):
             before = iterations_of(keras_state)
-            logs, keras_state = keras_train_step(keras_state, data)
+            if self.averaged:
+                logs, keras_state = keras_train_step(keras_state, data, ema)
+            else:
+                logs, keras_state = keras_train_step(keras_state, data)
             stepped = None
             if may_skip:
                 after = iterations_of(keras_state)
@@ -192,9 +204,38 @@ class Engine(base.Engine):
                 ema, pending, lambda: as_stored(locate(keras_state), dtypes), stepped
             )
             logs = base.ema_logs(logs, state, decays, counters[1])
+            if self.averaged:
+                keras_state = write_shadows(keras_state, self._each_shadow(shadows))
             return logs, keras_state, (counters, shadows)
 
+        write_shadows = _internals.jax_state_writer(model, self._shadow_variables())
         return fused_step
+
+    def _shadow_variables(self) -> list:
+        return [shadow for profile in self.state.profiles for shadow in profile.shadows]
+
+    def _each_shadow(self, shadows) -> list:
+        """Every profile's shadow values, one per shadow variable, from the
+        EMA's packed arrays."""
+        return [value for packed in shadows for value in self.packing.unpack(packed)]
+
+    def _with_shadows_read(self, keras_train_step):
+        """Keras' train step, reading the shadows from the EMA's arrays where
+        an averaged model calls them: from Keras' state where the averaged
+        model is a sublayer of the model (Keras maps it there), from the
+        variables themselves otherwise."""
+        if not self.averaged:
+            return keras_train_step
+        variables = self._shadow_variables()
+        write_shadows = _internals.jax_state_writer(self.model, variables)
+
+        def train_step(keras_state, data, ema):
+            current = self._each_shadow(ema[1])
+            keras_state = write_shadows(keras_state, current)
+            with _internals.jax_values_while_tracing(variables, current):
+                return keras_train_step(keras_state, data)
+
+        return train_step
 
     def _profiles_updated(self, run_update, guard):
         """`run_update` (`update.update_all` or `update.update_when_due`) on
@@ -231,9 +272,22 @@ class Engine(base.Engine):
                     keras_state, self.arrays(), data, self._pending
                 )
                 self._pending = 0
+            if self.averaged:
+                self._shadows_hold_arrays()
             return logs, keras_state
 
         return train_function
+
+    def _shadows_hold_arrays(self) -> None:
+        """Points the shadow variables at the EMA's arrays (no copy), so that
+        an averaged model called between steps (in a callback) computes with
+        the latest average. Like Keras' own synced variables, they hold
+        arrays the next step donates, and get the new ones after it."""
+        _, shadows = self._arrays
+        for shadow, value in zip(
+            self._shadow_variables(), self._each_shadow(shadows), strict=True
+        ):
+            shadow.assign(value)
 
     def _due_update(self, guard):
         """The update alone, as a pure function of the EMA's arrays, the

@@ -243,7 +243,10 @@ def _assign_all(variables, values) -> None:
 class Engine(base.Engine):
     def __init__(self, state):
         super().__init__(state)
-        self.packed = _PackedShadows(state) if _packs(state.model) else None
+        # An averaged model reads the shadow variables in the train step:
+        # they are updated in place.
+        packs = _packs(self.model) and not state.averaged_models
+        self.packed = _PackedShadows(state) if packs else None
         self._eager_update = None
 
     def flush(self) -> None:

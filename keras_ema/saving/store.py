@@ -70,7 +70,7 @@ class StateStore:
         ema = self._ema
         state = ema._require_state()
         self._warn_if_hyperparameters_differ(header["hyperparameters"], path)
-        ema._swaps.repair(ema.model)
+        ema._swaps.repair(ema.tracked_model)
         for profile, profile_arrays in zip(state.profiles, arrays, strict=True):
             for shadow, array in zip(profile.shadows, profile_arrays, strict=True):
                 shadow.assign(array)
@@ -99,7 +99,7 @@ class StateStore:
         state = ema._state
         if state is None or ema.step != 0:
             return
-        ema._swaps.repair(ema.model)
+        ema._swaps.repair(ema.tracked_model)
         for profile in state.profiles:
             for shadow, weight in zip(profile.shadows, state.weights, strict=True):
                 shadow.assign(

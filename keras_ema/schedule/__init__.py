@@ -5,6 +5,8 @@
 - `warmup`: `WarmupSchedule`, ema-pytorch's warm-up;
 - `periodic`: `BiasCorrectedSchedule`, `PowerFunctionSchedule`,
   `HalfLifeSchedule`, which update after every `update_every`-th step;
+- `momentum`: `ConstantSchedule`, `CosineSchedule`, the momentum of target
+  networks and teachers, in the same rhythm;
 - `serialization`: schedules to and from configs.
 """
 
@@ -15,6 +17,8 @@ from keras_ema.schedule.conversions import check_sigma_rel
 from keras_ema.schedule.conversions import checked_sigma_rels
 from keras_ema.schedule.conversions import gamma_to_sigma_rel
 from keras_ema.schedule.conversions import sigma_rel_to_gamma
+from keras_ema.schedule.momentum import ConstantSchedule
+from keras_ema.schedule.momentum import CosineSchedule
 from keras_ema.schedule.periodic import BiasCorrectedSchedule
 from keras_ema.schedule.periodic import HalfLifeSchedule
 from keras_ema.schedule.periodic import PowerFunctionSchedule
@@ -25,6 +29,8 @@ from keras_ema.schedule.warmup import WarmupSchedule
 __all__ = [
     "SIGMA_REL_MAX",
     "BiasCorrectedSchedule",
+    "ConstantSchedule",
+    "CosineSchedule",
     "HalfLifeSchedule",
     "PowerFunctionSchedule",
     "Schedule",

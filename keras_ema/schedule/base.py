@@ -54,10 +54,14 @@ class Schedule:
         raise NotImplementedError
 
     def in_steps(
-        self, steps_per_epoch: int | None = None, batch_size: int | None = None
+        self,
+        steps_per_epoch: int | None = None,
+        batch_size: int | None = None,
+        epochs: int | None = None,
     ) -> Schedule:
         """The schedule with every length in optimizer steps, given what a
-        `fit` knows; most schedules are already."""
+        `fit` knows (`None` where it cannot say); most schedules are
+        already."""
         return self
 
     def get_config(self) -> dict:

@@ -286,7 +286,10 @@ class HalfLifeSchedule(_PeriodicSchedule):
         check_int_at_least("update_every", self.update_every, 1)
 
     def in_steps(
-        self, steps_per_epoch: int | None = None, batch_size: int | None = None
+        self,
+        steps_per_epoch: int | None = None,
+        batch_size: int | None = None,
+        epochs: int | None = None,
     ) -> HalfLifeSchedule:
         """The same schedule with its half-life in optimizer steps.
 
@@ -295,6 +298,8 @@ class HalfLifeSchedule(_PeriodicSchedule):
                 for a half-life in epochs. Defaults to `None`.
             batch_size: The number of samples in a batch, needed for a
                 half-life in samples. Defaults to `None`.
+            epochs: Not used: a half-life does not depend on the length of
+                training. Defaults to `None`.
 
         Returns:
             A `HalfLifeSchedule` with `unit="steps"`: `half_life` times

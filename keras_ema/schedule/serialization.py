@@ -4,6 +4,8 @@ as `EMA.get_config()` stores them."""
 from __future__ import annotations
 
 from keras_ema.schedule.base import Schedule
+from keras_ema.schedule.momentum import ConstantSchedule
+from keras_ema.schedule.momentum import CosineSchedule
 from keras_ema.schedule.periodic import BiasCorrectedSchedule
 from keras_ema.schedule.periodic import HalfLifeSchedule
 from keras_ema.schedule.periodic import PowerFunctionSchedule
@@ -24,6 +26,8 @@ def deserialize(config) -> Schedule:
             BiasCorrectedSchedule,
             PowerFunctionSchedule,
             HalfLifeSchedule,
+            ConstantSchedule,
+            CosineSchedule,
         )
     }
     if isinstance(config, Schedule):
