@@ -387,7 +387,8 @@ TEACHER_PAIR = ("keras_ema_teacher", "handwritten_teacher")
 
 def teacher(runs: list[dict[str, dict]]) -> str:
     """keras_ema_teacher against handwritten_teacher, one row per backend,
-    shape and warm or cold file."""
+    shape and warm or cold file, with the CPU time other processes used
+    meanwhile (the rows where it is well above 0 are noisy)."""
     rows, pair = [], TEACHER_PAIR[::-1]
     for results in runs:
         for shape, r in results.items():
@@ -398,8 +399,10 @@ def teacher(runs: list[dict[str, dict]]) -> str:
                 continue
             ms = [_milliseconds(r[whole], m, 0 if cold_run else 3) for m in pair]
             cell = ratio(r, *TEACHER_PAIR, whole, "steady_ms_per_step")
-            rows.append([r["backend"], shape, unit, *ms, cell])
-    header = ["backend", "shape", "measure", "hand-written", "keras_ema_teacher"]
+            load = f"{r.get('other_cpu_s', '-')} / {r.get('wall_s', '-')}"
+            rows.append([r["backend"], shape, unit, load, *ms, cell])
+    header = ["backend", "shape", "measure", "other CPU s / wall s"]
+    header += ["hand-written", "keras_ema_teacher"]
     return table([*header, "keras_ema_teacher / hand-written"], rows)
 
 
