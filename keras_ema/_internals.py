@@ -105,9 +105,7 @@ def jax_state_writer(model, variables) -> Callable:
     others are left out."""
     slots = {id(v): (0, i) for i, v in enumerate(model.trainable_variables)}
     slots.update({id(v): (1, i) for i, v in enumerate(model.non_trainable_variables)})
-    positions = [
-        (k, slots[id(v)]) for k, v in enumerate(variables) if id(v) in slots
-    ]
+    positions = [(k, slots[id(v)]) for k, v in enumerate(variables) if id(v) in slots]
 
     def write(keras_state, values):
         if not positions:
@@ -440,3 +438,51 @@ def jax_values_while_tracing(variables, values):
     finally:
         for variable, value in zip(variables, saved, strict=True):
             variable._value = value
+
+
+def in_compiled_step() -> bool:
+    """Whether the caller runs inside a step that Keras traces: JAX's train,
+    test and predict steps run in a `StatelessScope` (also when eager), and
+    TensorFlow's are graphs. Keras exposes the scope only privately."""
+    from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+    if in_stateless_scope():
+        return True
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+    return False
+
+
+def all_layers(model) -> list:
+    """Every layer of `model`, nested ones included (`Layer._flatten_layers`).
+
+    `model.layers` lists only the direct children; Keras has no public
+    recursive walk, and `recalibrate_batchnorm` must find the
+    BatchNormalization layers of nested models and custom layers."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def input_batches(x, batch_size, steps):
+    """The input batches of `x` as `model.predict` reads them (arrays,
+    `tf.data.Dataset`, `PyDataset`, generators), as NumPy-convertible
+    values, at most `steps` of them.
+
+    Keras' data adapters (`keras.src.trainers.data_adapters`) turn every
+    input `predict` accepts into batches; no public function exposes them
+    outside a `fit`, `evaluate` or `predict`."""
+    from keras.src.trainers import data_adapters
+
+    adapter = data_adapters.get_data_adapter(
+        x=x, batch_size=batch_size, steps_per_epoch=steps, shuffle=False
+    )
+    adapter.on_epoch_begin()
+    try:
+        for step, data in enumerate(adapter.get_numpy_iterator()):
+            if steps is not None and step >= steps:
+                break
+            inputs, _, _ = keras.utils.unpack_x_y_sample_weight(data)
+            yield inputs
+    finally:
+        adapter.on_epoch_end()

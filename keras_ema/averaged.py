@@ -106,3 +106,17 @@ def _check_uses(clone, model, replacements) -> None:
             "`averaged_model()` cannot follow (a layer keeping variables "
             "outside its attributes and lists)."
         )
+
+
+def refuse_in_compiled_step(action: str) -> None:
+    """Raises a `ValueError` where `action` (a swap, a read of the EMA
+    weights as arrays) is called inside a step Keras compiles: there it
+    would assign the model's variables in the middle of the trace, or read
+    values that do not exist yet."""
+    if _internals.in_compiled_step():
+        raise ValueError(
+            f"`ema.{action}` cannot run inside a compiled train, test or "
+            "predict step (`train_step`, `compute_loss`, `call`). To compute "
+            "with the EMA weights there, call `ema.averaged_model()` before "
+            "`fit` and call that model inside the step."
+        )

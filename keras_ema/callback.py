@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
-from collections.abc import Iterator
 from collections.abc import Mapping
 
 import keras
@@ -12,14 +10,13 @@ from keras import ops
 
 from keras_ema import _internals
 from keras_ema import advice
-from keras_ema import averaged
 from keras_ema import backends
 from keras_ema import binding
 from keras_ema import profiles as profiles_
 from keras_ema import val_ema
+from keras_ema.ema_weights import EMAWeights
 from keras_ema.saving import sidecars
 from keras_ema.saving.store import StateStore
-from keras_ema.saving.store import require_held_here
 from keras_ema.schedule import Schedule
 from keras_ema.state import Filters
 from keras_ema.state import ShadowState
@@ -27,12 +24,10 @@ from keras_ema.state import check_names
 from keras_ema.state import check_offload
 from keras_ema.state import tracked_weights
 from keras_ema.swaps import Swaps
-from keras_ema.swaps import as_model_arrays
-from keras_ema.swaps import model_values
 from keras_ema.training import Training
 
 
-class EMA(keras.callbacks.Callback):
+class EMA(EMAWeights, keras.callbacks.Callback):
     """Keeps an exponential moving average (EMA) of a model's weights.
 
     The average uses the inverse-gamma warm-up of ema-pytorch: for the first
@@ -238,102 +233,6 @@ class EMA(keras.callbacks.Callback):
         state.check_model_unchanged()
         self._engine.update()
 
-    def get_weights(self, profile: str | None = None) -> list:
-        """NumPy arrays aligned with `model.get_weights()`.
-
-        The EMA value (cast to the weight's dtype) where a weight is tracked,
-        the model's own value elsewhere, so that
-        `other_model.set_weights(ema.get_weights())` works. Across JAX
-        processes, an array sharded over devices of several processes is
-        not gathered to one: a `ValueError` names the ways to save or export
-        the EMA weights instead.
-
-        Args:
-            profile: A name from `profiles`; `None` for the first profile.
-                Defaults to `None`.
-        """
-        index = self._profile_index(profile)
-        state = self._flushed_state()
-        shadows = state.profiles[index].shadows
-        values = model_values(state.model, state.weights, shadows)
-        require_held_here("get_weights()", values)
-        return as_model_arrays(state.model, values)
-
-    @contextlib.contextmanager
-    def swap_weights(self, profile: str | None = None) -> Iterator[keras.Model]:
-        """A context with the EMA weights in the model.
-
-        On exit, also through an exception, the model gets its online weights
-        back, bit for bit. Blocks nest: an inner block changes nothing, and
-        the model keeps the EMA weights until the outermost block exits (an
-        inner block of another profile is a `ValueError`). Inside a block,
-        what needs the online weights (`fit`, `update()`, `copy_to_model()`)
-        raises a `ValueError`.
-
-        Args:
-            profile: A name from `profiles`; `None` for the first profile.
-                Defaults to `None`.
-        """
-        index = self._profile_index(profile)
-        if self._swaps.in_block and index != self._swapped_profile:
-            raise ValueError(
-                f"`swap_weights()` of profile {profile!r} inside a block of "
-                f"profile {self.profile_names[self._swapped_profile]!r}: the "
-                "model can hold one profile's weights at a time."
-            )
-        with self._swaps.block(self._tracked, lambda: self._swap_in(index)):
-            yield self._tracked
-
-    def averaged_model(self, profile: str | None = None) -> keras.Model:
-        """A model of the tracked model's architecture that computes with the
-        EMA weights, for a teacher, a target network or sampling.
-
-        Its averaged weights are the EMA's shadow variables themselves: no
-        copy, nothing to sync; each update of the EMA (in `fit`, after each
-        due optimizer step, or `update()`) is what its next call computes
-        with, also inside the compiled train step that calls it, on every
-        backend. Its other weights (integer weights, weights the name
-        filters copy or leave alone) are the tracked model's own variables.
-        It is not trainable (`trainable_weights == []`; its
-        BatchNormalization layers run in inference mode), the same object
-        on every call for a profile, and a plain Keras model: it can be
-        called anywhere, held by another model, and saved with `save()`.
-        Its first values are the online weights when the EMA's state was
-        created. Do not set it `trainable`: an optimizer would then move
-        the shadows.
-
-        Example:
-
-        >>> ema = keras_ema.EMA(schedule=keras_ema.ConstantSchedule(0.999))
-        >>> ema.set_model(student)
-        >>> teacher = ema.averaged_model()
-        >>> trainer = MeanTeacher(student, teacher)  # calls both in its loss
-        >>> trainer.compile(optimizer="adam")
-        >>> trainer.fit(x, y, epochs=10, callbacks=[ema])
-
-        Args:
-            profile: A name from `profiles`; `None` for the first profile.
-                Defaults to `None`.
-        """
-        index = self._profile_index(profile)
-        state = self._require_state()
-        model = state.averaged_models.get(index)
-        if model is None:
-            model = averaged.averaged_model(state, index)
-            self._engine.flush()
-            state.averaged_models[index] = model
-            # The engine lays the shadows out for the averaged model to read.
-            self._engine = self._training.remade_engine(self._engine)
-        return model
-
-    def copy_to_model(self) -> None:
-        """Writes the EMA weights into the model for good (e.g. before
-        `model.save`). The online weights are overwritten."""
-        self._require_online_weights("copy_to_model()")
-        state = self._flushed_state()
-        for weight, shadow in zip(state.weights, state.shadows, strict=True):
-            weight.assign(backends.BACKEND_OPS.copy_for_weight(shadow.value, weight))
-
     def save_state(self, path: str) -> None:
         """Writes the counters, hyperparameters and shadows to `path`.
 
@@ -484,15 +383,6 @@ class EMA(keras.callbacks.Callback):
         state = self._require_state()
         self._engine.flush()
         return state
-
-    def _swap_in(self, index: int) -> None:
-        state = self._require_state()
-        self._swaps.repair(state.model)
-        state.check_model_unchanged()
-        self._engine.flush()
-        shadows = state.profiles[index].shadows
-        self._swaps.swap_in(state.model, state.weights, [s.value for s in shadows])
-        self._swapped_profile = index
 
     def _profile_index(self, profile: str | None) -> int:
         return profiles_.profile_index(self.profile_names, profile)

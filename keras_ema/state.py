@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import weakref
 from collections.abc import Iterable
 from collections.abc import Sequence
 
@@ -65,13 +66,26 @@ def check_offload(offload_to_host) -> bool:
     return offload_to_host
 
 
+# Every EMA's shadow variables, by id: an averaged model held by a model is
+# made of them, and no EMA averages another's (or its own) averages.
+_SHADOWS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def is_shadow(variable) -> bool:
+    """Whether `variable` is the shadow of some EMA."""
+    return _SHADOWS.get(id(variable)) is variable
+
+
 def tracked_weights(model, trainable_only: bool = False) -> list:
     """The floating-point weights of `model` (only the trainable ones with
-    `trainable_only`), in `model.weights` order."""
+    `trainable_only`), in `model.weights` order, leaving out the shadows of
+    any EMA (those of an averaged model the model holds)."""
     return [
         w
         for w in model.weights
-        if keras.backend.is_float_dtype(w.dtype) and (w.trainable or not trainable_only)
+        if keras.backend.is_float_dtype(w.dtype)
+        and (w.trainable or not trainable_only)
+        and not is_shadow(w)
     ]
 
 
@@ -206,6 +220,7 @@ class ShadowState:
                 layout=placement.shadow_layout(weight),
             )
             shadows.append(shadow)
+            _SHADOWS[id(shadow)] = shadow
         return shadows
 
     @property

@@ -204,13 +204,15 @@ class HostCounters:
         profile's flags if it updates any."""
         if not moved:
             return None
-        self.step += 1
-        t = self.step
+        t = self.step + 1
         flags = []
         for schedule in self.schedules:
             due = schedule.is_due(t)
             copies = due and schedule.copies_all(t)
             flags.append(HostFlags(due, copies, schedule.weight(t)))
+        # Counted once the schedules gave their weights: one that cannot
+        # (a length only a `fit` knows) leaves the counter as it was.
+        self.step = t
         return flags if any(f.due for f in flags) else None
 
     def decays(self) -> list[float]:

@@ -97,4 +97,6 @@ class Training:
         return new
 
     def _evaluate_online_and_ema(self, keras_evaluate, *args, **kwargs):
+        if _internals.is_fit_validation(kwargs):
+            self._ema._engine.refresh_readers()
         return val_ema.evaluate_online_and_ema(self._ema, keras_evaluate, args, kwargs)

@@ -272,3 +272,66 @@ def test_orbax_checkpoint_class_names_the_keras_version(monkeypatch):
     ):
         _internals.orbax_checkpoint_class()
     assert _internals.optional_orbax_checkpoint_class() is None
+
+
+def test_use_variables_makes_every_layer_compute_with_the_new_variables():
+    import numpy as np
+    from keras import ops
+
+    model = make_model(batch_norm=False)
+    clone = keras.models.clone_model(model)
+    replacements = {
+        id(copy): keras.Variable(np.full(copy.shape, 0.5, "float32"))
+        for copy in clone.weights
+    }
+    _internals.use_variables(clone, replacements)
+    assert [id(w) for w in clone.weights] == [id(replacements[k]) for k in replacements]
+    for layer in clone.layers:
+        for value in vars(layer).values():
+            assert not (isinstance(value, keras.Variable) and id(value) in replacements)
+    x = np.ones((1, model.inputs[0].shape[-1]), "float32")
+    inputs = x
+    for layer in model.layers:
+        kernel = np.full(layer.kernel.shape, 0.5, "float32")
+        inputs = inputs @ kernel + 0.5
+        if layer.activation is keras.activations.relu:
+            inputs = np.maximum(inputs, 0)
+    np.testing.assert_allclose(ops.convert_to_numpy(clone(x)), inputs, rtol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX only.")
+def test_jax_values_while_tracing_makes_a_variable_an_input_of_the_trace():
+    import jax
+    import numpy as np
+
+    variable = keras.Variable(np.zeros(2, "float32"))
+    original = variable.value
+
+    @jax.jit
+    def read(value):
+        with _internals.jax_values_while_tracing([variable], [value]):
+            return variable.value * 2
+
+    np.testing.assert_array_equal(read(np.ones(2, "float32")), [2, 2])
+    np.testing.assert_array_equal(read(np.full(2, 3, "float32")), [6, 6])
+    assert variable.value is original
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX only.")
+def test_jax_state_writer_writes_the_slots_of_keras_train_state():
+    model = make_model()
+    model.compile(optimizer="sgd", loss="mse")
+    variables = [model.non_trainable_variables, model.trainable_variables]
+    extra = keras.Variable(1.0)
+    targets = [model.trainable_variables[1], extra]
+    write = _internals.jax_state_writer(model, targets)
+    state = (
+        [v.value for v in variables[1]],
+        [v.value for v in variables[0]],
+        ["optimizer"],
+        ["metrics"],
+    )
+    written = write(state, ["new", "ignored"])
+    assert written[0][1] == "new"
+    assert written[0][0] is state[0][0]
+    assert written[2:] == (["optimizer"], ["metrics"])

@@ -322,9 +322,12 @@ def test_cosine_without_total_steps_in_a_fit_of_unknown_length_is_refused():
     assert ema.get_current_decay() == 1.0
 
 
-def test_cosine_without_total_steps_outside_fit_says_what_is_missing(tmp_path):
+@pytest.mark.parametrize("update_every", [1, 3])
+def test_cosine_without_total_steps_outside_fit_says_what_is_missing(
+    update_every, tmp_path
+):
     model = make_model()
-    ema = keras_ema.EMA(schedule=CosineSchedule(0.9))
+    ema = keras_ema.EMA(schedule=CosineSchedule(0.9, update_every=update_every))
     ema.set_model(model)
     before = ema_values(ema)
     with pytest.raises(ValueError, match="`total_steps` must be known"):

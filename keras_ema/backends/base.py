@@ -133,7 +133,9 @@ class Engine:
     def installed(self) -> bool:
         """Whether the model trains with this engine's train function."""
         train_function = self._ema_train_function
-        return train_function is not None and self.model.train_function is train_function
+        return (
+            train_function is not None and self.model.train_function is train_function
+        )
 
     def uninstall(self) -> None:
         if (
@@ -146,6 +148,12 @@ class Engine:
 
     def start_epoch(self) -> None:
         """Called at each epoch's start, when Keras has reset its metrics."""
+
+    def refresh_readers(self) -> None:
+        """Called after the EMA changed outside a compiled step of the
+        model's (a `fit` ended, an `update()`, a validation begins): where a
+        compiled step reads an averaged model as constants, it is made
+        again."""
 
     def end_epoch(self, logs: dict) -> None:
         """Called at each epoch's end with its logs, before other callbacks

@@ -289,6 +289,27 @@ class Engine(base.Engine):
         ):
             shadow.assign(value)
 
+    def uninstall(self) -> None:
+        super().uninstall()
+        self.refresh_readers()
+
+    def refresh_readers(self) -> None:
+        """Keras' jitted test and predict steps read a variable that is not
+        the model's as a constant captured when they were traced: an
+        averaged model that a model does not hold (called through a
+        closure) would stay as it was then. Those steps are made again for
+        the next `evaluate` or `predict`."""
+        if not self.averaged:
+            return
+        shadows = self._shadow_variables()
+        for model in {id(m): m for m in (self.model, self.state.model)}.values():
+            held = {id(v) for v in model.variables}
+            if all(id(shadow) in held for shadow in shadows):
+                continue
+            if getattr(model, "compiled", False):
+                model.make_test_function(force=True)
+            model.make_predict_function(force=True)
+
     def _due_update(self, guard):
         """The update alone, as a pure function of the EMA's arrays, the
         weights Keras' step has just computed, and the steps still to add to
@@ -372,6 +393,7 @@ class Engine(base.Engine):
         for profile, values in zip(state.profiles, shadows, strict=True):
             for shadow, value in zip(profile.shadows, values, strict=True):
                 shadow.assign(value)
+        self.refresh_readers()
 
     # -- for measurement -----------------------------------------------------
 
