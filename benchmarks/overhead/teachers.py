@@ -48,8 +48,8 @@ class TeacherTrainer(keras.Model):
 
 
 class HandwrittenTeacherTrainer(TeacherTrainer):
-    """`TeacherTrainer` whose ``train_step`` blends the teacher's float
-    weights into the student's after the optimizer step."""
+    """`TeacherTrainer` whose ``train_step`` blends the student's float
+    weights into its teacher's after the optimizer step."""
 
     def __init__(self, student: keras.Model, decay: float, **kwargs) -> None:
         teacher = keras.models.clone_model(student)
