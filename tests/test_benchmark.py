@@ -18,6 +18,7 @@ import pytest
 from conftest import assert_close
 from conftest import ema_values
 from conftest import float_weights
+from conftest import make_data
 from conftest import make_model
 from oracle import ArticleEMA
 
@@ -131,6 +132,90 @@ def test_warm_run_with_floor_writes_a_json_line(benchmark, tmp_path, capsys):
         assert rendered[2].startswith("| article_mlp |")
 
 
+TEACHER_MODES = "handwritten_teacher,keras_ema_teacher"
+
+
+def test_teacher_modes_run_warm_and_cold(benchmark, tmp_path, capsys):
+    command, tables = benchmark
+    warm, cold = tmp_path / "warm.jsonl", tmp_path / "cold.jsonl"
+    argv = ["--shapes", "article_mlp", "--modes", TEACHER_MODES, "--repeats", "1"]
+    assert command.main([*argv, "--steps", "5", "--json-out", str(warm)]) == 0
+    cold_argv = ["--cold", "--epochs", "1", "--steps", "5", "--json-out", str(cold)]
+    assert command.main([*argv, *cold_argv]) == 0
+    capsys.readouterr()
+    warm_result = json.loads(warm.read_text())
+    cold_result = json.loads(cold.read_text())
+    assert set(warm_result["ms_per_step"]) == set(TEACHER_MODES.split(","))
+    assert warm_result["teacher_over_handwritten"] > 0
+    assert cold_result["fit_ratios"]["teacher_over_handwritten"] > 0
+    tables.main(["teacher", str(warm), str(cold)])
+    rendered = _lines(capsys.readouterr().out)
+    assert len(rendered) == 4  # header, rule, warm, cold
+    assert rendered[2].startswith(f"| {BACKEND} | article_mlp | ms/step |")
+    assert rendered[3].startswith(f"| {BACKEND} | article_mlp | first fit ms |")
+
+
+def _fit_teacher(benchmark, mode: str, recorder=None):
+    """A teacher mode's trainer around conftest's small model (its
+    BatchNormalization statistics blended too), fitted 2 epochs of 8 steps
+    with SGD and decay 0.9."""
+    from benchmarks.overhead.teachers import build_trainer
+    from benchmarks.overhead.teachers import teacher_callbacks
+
+    keras.utils.set_random_seed(0)
+    student = make_model(compile=False)
+    trainer = build_trainer(student, mode, decay=0.9)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = make_data()
+    callbacks = teacher_callbacks(trainer) + ([recorder] if recorder else [])
+    trainer.fit(
+        x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=callbacks
+    )
+    return trainer
+
+
+class _StudentRecorder(keras.callbacks.Callback):
+    """The student's float weights after every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.after_step = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after_step.append(list(float_weights(self.model.student).values()))
+
+
+def test_handwritten_teacher_is_the_numpy_average(benchmark):
+    from benchmarks.overhead.teachers import teacher_weights
+
+    recorder = _StudentRecorder()
+    trainer = _fit_teacher(benchmark, "handwritten_teacher", recorder)
+    # A copy after the first step, then decay 0.9 at every step.
+    expected = recorder.after_step[0]
+    for student in recorder.after_step[1:]:
+        expected = [0.9 * t + 0.1 * w for t, w in zip(expected, student, strict=True)]
+    assert len(recorder.after_step) == 16
+    assert_close(dict(enumerate(expected)), dict(enumerate(teacher_weights(trainer))))
+
+
+def test_both_teachers_compute_the_same(benchmark):
+    """The benchmark compares equals: after the same steps on the same data
+    the hand-written teacher and the EMA's averaged model hold the same
+    weights, and so do the students they taught."""
+    from benchmarks.overhead.teachers import teacher_weights
+
+    trainers = [_fit_teacher(benchmark, mode) for mode in TEACHER_MODES.split(",")]
+    handwritten, keras_ema_side = (
+        (dict(enumerate(teacher_weights(t))), float_weights(t.student))
+        for t in trainers
+    )
+    assert_close(handwritten[0], keras_ema_side[0])
+    assert_close(
+        dict(enumerate(handwritten[1].values())),
+        dict(enumerate(keras_ema_side[1].values())),
+    )
+
+
 def test_command_refuses_unknown_modes(benchmark):
     command, _ = benchmark
     with pytest.raises(SystemExit, match="bad --modes"):
@@ -164,7 +249,7 @@ def _warm_line(shape: str, scale: float) -> dict:
 
 
 def _cold_line(shape: str, scale: float) -> dict:
-    modes = ("none", "builtin", "keras_ema")
+    modes = ("none", "builtin", "keras_ema", "handwritten_teacher", "keras_ema_teacher")
     fit = {mode: scale * (100.0 + 10 * i) for i, mode in enumerate(modes)}
     entry = {"trace_ms": 1.0, "lower_ms": 2.0, "compile_ms": 3.0, "compiles": 1}
     return {
@@ -212,6 +297,21 @@ def test_tables_of_cold_lines(benchmark, tmp_path, capsys, kind):
     assert len(rendered) == 3
     # every10 was not run: its cells are "-".
     assert " - " in rendered[2]
+
+
+def test_teacher_table_of_warm_and_cold_lines(benchmark, tmp_path, capsys):
+    _, tables = benchmark
+    warm = _write(tmp_path / "warm.jsonl", [_warm_line("a", 1.0), _warm_line("b", 1.0)])
+    cold = _write(tmp_path / "cold.jsonl", [_cold_line("a", 1.0)])
+    tables.main(["teacher", warm, cold])
+    rendered = _lines(capsys.readouterr().out)
+    assert [row.split(" | ")[1:3] for row in rendered[2:]] == [
+        ["a", "ms/step"],
+        ["b", "ms/step"],
+        ["a", "first fit ms"],
+    ]
+    assert rendered[2].endswith("| 2.100 | 2.000 | 0.95 (0.95) |")
+    assert rendered[4].endswith("| 130 | 140 | 1.08 (1.08) |")
 
 
 def test_tables_compare_warm_and_cold(benchmark, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Per-step cost of weight EMA in ``keras.Model.fit``, for one Keras backend.
 
-Ten modes are timed on synthetic data, for several model shapes:
+Twelve modes are timed on synthetic data, for several model shapes:
 
 * ``none``: plain ``fit`` with Adam, no EMA;
 * ``builtin``: Keras' own optimizer flag, ``Adam(use_ema=True, ema_momentum=0.999)``;
@@ -17,7 +17,15 @@ Ten modes are timed on synthetic data, for several model shapes:
   ``keras_ema`` is what the guard costs;
 * ``keras_ema_posthoc``: ``keras_ema.PostHocEMA(sigma_rels=(0.05, 0.10),
   snapshot_every=10)`` into a temporary folder: against ``keras_ema_2profiles``
-  (two averages, no snapshots), what its snapshots cost.
+  (two averages, no snapshots), what its snapshots cost;
+* ``keras_ema_teacher`` and ``handwritten_teacher``: a model whose loss adds
+  the mean squared difference to its EMA teacher's output on the same batch,
+  the teacher being ``ema.averaged_model()`` of a
+  ``keras_ema.EMA(schedule=keras_ema.ConstantSchedule(0.999))`` bound to the
+  model, or a ``keras.models.clone_model`` blended by an ``assign`` loop in a
+  ``train_step`` written for each backend (the keras-io way; see `teachers`).
+  Their ratio ``teacher_over_handwritten`` is the EMA's teacher against the
+  hand-written one. Their ``params`` count the teacher's weights too.
 
 Warm mode (the default): each measurement builds and compiles a fresh model (same
 seed), runs a short warm-up ``fit`` of 12 steps (so that the first tracing and
@@ -136,7 +144,8 @@ benchmarks.overhead.tables`` renders those lines as the tables of
 ``docs/performance.md``.
 
 The modules: `shapes` (the models), `modes` (how each mode builds its
-optimizer and callbacks, and the no-guard patch), `warm`, `cold` (and
+optimizer and callbacks, and the no-guard patch), `teachers` (the teacher
+modes' trainers), `warm`, `cold` (and
 `compiles`, JAX's compile times), `floor` (the bandwidth floor and the update
 alone), `snapshots` (``PostHocEMA``'s snapshot parts), `ratios`, `timing` and
 `environment` (shared helpers), `rss`, `tables` (the docs' tables from the

@@ -101,7 +101,7 @@ def _measure_cold(
         # again, as in a new process; building the model is not timed.
         jax.clear_caches()
     model = build_model(shape, mode)
-    callbacks = make_callbacks(mode)
+    callbacks = make_callbacks(mode, model)
     data = make_data(shape, steps)
     clock = ColdClock(model, epochs, compiles)
     compiles.start()

@@ -13,6 +13,9 @@ import keras
 from benchmarks.overhead.environment import strategy_scope
 from benchmarks.overhead.shapes import SEED
 from benchmarks.overhead.shapes import Shape
+from benchmarks.overhead.teachers import TEACHER_MODES
+from benchmarks.overhead.teachers import build_trainer
+from benchmarks.overhead.teachers import teacher_callbacks
 
 MODES: tuple[str, ...] = (
     "none",
@@ -25,6 +28,7 @@ MODES: tuple[str, ...] = (
     "keras_ema_4profiles",
     "keras_ema_noguard",
     "keras_ema_posthoc",
+    *TEACHER_MODES,
 )
 # Each keras_ema mode: (update_every, offload_to_host).
 KERAS_EMA_MODES: dict[str, tuple[int, bool]] = {
@@ -61,6 +65,8 @@ def build_model(shape: Shape, mode: str) -> keras.Model:
     keras.utils.set_random_seed(SEED)
     with strategy_scope():
         model = shape.build()
+        if mode in TEACHER_MODES:
+            model = build_trainer(model, mode)
         if mode == "builtin":
             optimizer = keras.optimizers.Adam(
                 LEARNING_RATE, use_ema=True, ema_momentum=BUILTIN_MOMENTUM
@@ -71,8 +77,11 @@ def build_model(shape: Shape, mode: str) -> keras.Model:
     return model
 
 
-def make_callbacks(mode: str) -> list[keras.callbacks.Callback]:
-    """The callbacks a mode passes to ``fit`` (the EMA callback, if any)."""
+def make_callbacks(mode: str, model: keras.Model) -> list[keras.callbacks.Callback]:
+    """The callbacks a mode passes to ``fit`` of `model` (the EMA callback,
+    if any)."""
+    if mode in TEACHER_MODES:
+        return teacher_callbacks(model)
     if mode == "keras_ema_posthoc":
         import keras_ema
 

@@ -17,7 +17,10 @@ WARM_PAIRS: dict[str, tuple[str, str]] = {
     "noguard_over_builtin": ("keras_ema_noguard", "builtin"),
     "posthoc_over_2profiles": ("keras_ema_posthoc", "keras_ema_2profiles"),
     "posthoc_over_builtin": ("keras_ema_posthoc", "builtin"),
+    "teacher_over_handwritten": ("keras_ema_teacher", "handwritten_teacher"),
 }
+# The cold ratios besides each keras_ema mode over builtin and none.
+COLD_PAIRS = {k: WARM_PAIRS[k] for k in ("teacher_over_handwritten",)}
 
 
 def warm_ratios(best: dict[str, float]) -> dict[str, float | None]:
@@ -52,9 +55,13 @@ def profile_ratios(best: dict[str, float]) -> dict[str, float | None]:
 
 
 def cold_ratios(best: dict[str, float]) -> dict[str, float | None]:
-    """Each keras_ema mode over ``builtin`` and over ``none``, and the
-    profiles' marginal costs (`profile_ratios`)."""
-    ratios: dict[str, float | None] = {}
+    """Each keras_ema mode over ``builtin`` and over ``none``, the
+    ``COLD_PAIRS`` and the profiles' marginal costs (`profile_ratios`)."""
+    ratios: dict[str, float | None] = {
+        k: best[a] / best[b]
+        for k, (a, b) in COLD_PAIRS.items()
+        if a in best and b in best
+    }
     for mode in best:
         if mode.startswith("keras_ema"):
             for base in ("builtin", "none"):

@@ -4,12 +4,15 @@ Usage (from the repository's root)::
 
     python -m benchmarks.overhead.tables KIND FILE
     python -m benchmarks.overhead.tables compare BEFORE AFTER
+    python -m benchmarks.overhead.tables teacher FILE [FILE ...]
 
 KIND, for a file of warm runs: ``warm`` (ms per step and ratios), ``profiles``
 (2 and 4 profiles), ``guard`` (keras_ema_noguard), ``floor`` (the bandwidth
 floor), ``posthoc`` (PostHocEMA's snapshots), ``snapshots`` (where a
 snapshot's time goes), ``offload``; for a file of cold runs (``--cold``):
-``cold`` (first fit, whole), ``compiles`` (JAX compile times). ``compare``
+``cold`` (first fit, whole), ``compiles`` (JAX compile times). ``teacher``
+takes any number of warm and cold files (e.g. one of each per backend) and
+puts keras_ema_teacher against handwritten_teacher in one table. ``compare``
 puts two warm files (e.g. ``before-jax.jsonl after-jax.jsonl``) or two cold
 files side by side.
 
@@ -379,6 +382,30 @@ def compare_cold(before: dict[str, dict], after: dict[str, dict]) -> str:
     )
 
 
+TEACHER_PAIR = ("keras_ema_teacher", "handwritten_teacher")
+
+
+def teacher(runs: list[dict[str, dict]]) -> str:
+    """keras_ema_teacher against handwritten_teacher, one row per backend,
+    shape and warm or cold file, with the CPU time other processes used
+    meanwhile (the rows where it is well above 0 are noisy)."""
+    rows, pair = [], TEACHER_PAIR[::-1]
+    for results in runs:
+        for shape, r in results.items():
+            cold_run = bool(r.get("cold"))
+            whole = "fit_ms" if cold_run else "ms_per_step"
+            unit = "first fit ms" if cold_run else "ms/step"
+            if not set(TEACHER_PAIR) <= r[whole].keys():
+                continue
+            ms = [_milliseconds(r[whole], m, 0 if cold_run else 3) for m in pair]
+            cell = ratio(r, *TEACHER_PAIR, whole, "steady_ms_per_step")
+            load = f"{r.get('other_cpu_s', '-')} / {r.get('wall_s', '-')}"
+            rows.append([r["backend"], shape, unit, load, *ms, cell])
+    header = ["backend", "shape", "measure", "other CPU s / wall s"]
+    header += ["hand-written", "keras_ema_teacher"]
+    return table([*header, "keras_ema_teacher / hand-written"], rows)
+
+
 KINDS = {
     "warm": warm,
     "profiles": profiles,
@@ -397,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m benchmarks.overhead.tables",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("kind", choices=[*KINDS, "compare"])
+    parser.add_argument("kind", choices=[*KINDS, "compare", "teacher"])
     parser.add_argument(
         "files", nargs="+", help="JSON-lines files of python -m benchmarks.overhead"
     )
@@ -406,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
         before, after = (load(path) for path in args.files)
         cold_runs = all(r.get("cold") for r in before.values())
         print((compare_cold if cold_runs else compare)(before, after))
+    elif args.kind == "teacher":
+        print(teacher([load(path) for path in args.files]))
     else:
         print(KINDS[args.kind](load(args.files[0])))
 

@@ -56,7 +56,7 @@ def _measure(shape: Shape, mode: str, steps: int) -> dict[str, Any]:
     any tracing or compiling that ``fit`` did again) and the model's sizes.
     """
     model = build_model(shape, mode)
-    callbacks = make_callbacks(mode)
+    callbacks = make_callbacks(mode, model)
     fit_quietly(model, shape, make_data(shape, WARMUP_STEPS), callbacks)
     wait_for_device(model, callbacks)
     unalias_builtin_ema(model)
