@@ -45,10 +45,10 @@ class EMA(EMAWeights, keras.callbacks.Callback):
     samples (`HalfLifeSchedule`), a constant decay for target networks
     (`ConstantSchedule`), the BYOL/DINO teacher momentum (`CosineSchedule`).
     `averaged_model()` gives a Keras model computing with the EMA weights,
-    for teachers and target networks that training calls. With `profiles={"fast": ..., "slow": ...}`
-    the callback keeps several averages of the same weights, all updated in
-    one fused update that reads each weight once; each is logged and
-    validated under its name.
+    for teachers and target networks that training calls. With
+    `profiles={"fast": ..., "slow": ...}` the callback keeps several averages
+    of the same weights, all updated in one fused update that reads each
+    weight once; each is logged and validated under its name.
 
     Every floating-point weight of the model is averaged, trainable or not
     (BatchNormalization statistics included), in a float32 shadow (float64
@@ -112,8 +112,9 @@ class EMA(EMAWeights, keras.callbacks.Callback):
             Defaults to `"both"`.
         schedule: A schedule object (`keras_ema.WarmupSchedule`,
             `BiasCorrectedSchedule`, `PowerFunctionSchedule`,
-            `HalfLifeSchedule`, `ConstantSchedule`, `CosineSchedule`) in place of the warm-up arguments above,
-            which must then keep their defaults. Defaults to `None` (the
+            `HalfLifeSchedule`, `ConstantSchedule`, `CosineSchedule`) in
+            place of the warm-up arguments above, which must then keep their
+            defaults. Defaults to `None` (the
             warm-up schedule of those arguments).
         profiles: A dict of names (Python identifiers) to schedule objects:
             several averages of the same weights, named in logs, in

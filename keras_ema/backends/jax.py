@@ -57,6 +57,10 @@ class Engine(base.Engine):
         self.averaged = bool(state.averaged_models)
         placement = (lambda shadow: None) if self.averaged else replicated
         self.packing = Packing(state.shadows, state.kinds, placement)
+        # Whether the model `fit` trains holds every averaged model: then
+        # the shadows are in Keras' state, which keeps them between steps
+        # (the EMA's arrays hold the counters only).
+        self._held = False
         self._arrays = None
         self._pending = 0
         self._host = None
@@ -71,7 +75,9 @@ class Engine(base.Engine):
         if self._arrays is None:
             state = self.state
             counters = [committed_copy(v.value) for v in state.counters]
-            shadows = [self._packed(profile.shadows) for profile in state.profiles]
+            shadows = None
+            if not self._held:
+                shadows = [self._packed(p.shadows) for p in state.profiles]
             self._arrays = (counters, shadows)
         return self._arrays
 
@@ -99,6 +105,8 @@ class Engine(base.Engine):
         # Copies: the arrays stay the loop's to donate.
         state.step.assign(int(jax.device_get(step)) + self._pending)
         state.skipped.assign(committed_copy(skipped))
+        if shadows is None:
+            return  # Held in Keras' state, which the variables follow.
         for profile, packed in zip(state.profiles, shadows, strict=True):
             values = self._unpacked(packed, committed_copy, on_host)
             for shadow, value in zip(profile.shadows, values, strict=True):
@@ -107,7 +115,7 @@ class Engine(base.Engine):
     def host_shadows(self) -> list[list]:
         # Straight from the live arrays: writing them into the variables
         # first (`flush`) costs a transfer back to the device per variable.
-        if self._arrays is None:
+        if self._arrays is None or self._arrays[1] is None:
             return super().host_shadows()
         _, shadows = self._arrays
         copy = base.host_copy
@@ -158,6 +166,7 @@ class Engine(base.Engine):
         ema_shardings = None
         if keras_shardings is not None:
             ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
+        self._hold_in_keras_state(self.averaged and self._all_held(model))
         may_skip = optimizer_may_skip(model.optimizer)
         if may_skip or every_step_due(self.state.schedules) or self.averaged:
             fused_step = self._fused_step(guard, may_skip)
@@ -191,6 +200,8 @@ class Engine(base.Engine):
         dtypes = self.packing.shadow_dtypes
 
         def fused_step(keras_state, ema, data, pending):
+            if self._held:
+                ema = (ema[0], self._per_profile(read_shadows(keras_state)))
             before = iterations_of(keras_state)
             if self.averaged:
                 logs, keras_state = keras_train_step(keras_state, data, ema)
@@ -206,10 +217,29 @@ class Engine(base.Engine):
             logs = base.ema_logs(logs, state, decays, counters[1])
             if self.averaged:
                 keras_state = write_shadows(keras_state, self._each_shadow(shadows))
-            return logs, keras_state, (counters, shadows)
+            return logs, keras_state, (counters, None if self._held else shadows)
 
         write_shadows = _internals.jax_state_writer(model, self._shadow_variables())
+        if self._held:
+            read_shadows = _internals.jax_state_weights(model, self._shadow_variables())
         return fused_step
+
+    def _all_held(self, model) -> bool:
+        held = {id(v) for v in model.non_trainable_variables}
+        return all(id(shadow) in held for shadow in self._shadow_variables())
+
+    def _hold_in_keras_state(self, held: bool) -> None:
+        if held != self._held:
+            self.flush()
+            self.reload()
+            self._held = held
+
+    def _per_profile(self, values) -> list:
+        """`values` (one per shadow variable, profile after profile) as each
+        profile's arrays (one per shadow: an averaged model's shadows are
+        not packed)."""
+        count = len(self.state.weights)
+        return [values[i : i + count] for i in range(0, len(values), count)]
 
     def _shadow_variables(self) -> list:
         return [shadow for profile in self.state.profiles for shadow in profile.shadows]
@@ -273,20 +303,23 @@ class Engine(base.Engine):
                 )
                 self._pending = 0
             if self.averaged:
-                self._shadows_hold_arrays()
+                self._shadows_hold_arrays(keras_state)
             return logs, keras_state
 
         return train_function
 
-    def _shadows_hold_arrays(self) -> None:
-        """Points the shadow variables at the EMA's arrays (no copy), so that
+    def _shadows_hold_arrays(self, keras_state) -> None:
+        """Points the shadow variables at the arrays of the latest average
+        (the EMA's, or Keras' state where it holds them; no copy), so that
         an averaged model called between steps (in a callback) computes with
-        the latest average. Like Keras' own synced variables, they hold
-        arrays the next step donates, and get the new ones after it."""
-        _, shadows = self._arrays
-        for shadow, value in zip(
-            self._shadow_variables(), self._each_shadow(shadows), strict=True
-        ):
+        it. Like Keras' own synced variables, they hold arrays the next step
+        donates, and get the new ones after it."""
+        variables = self._shadow_variables()
+        if self._held:
+            values = _internals.jax_state_weights(self.model, variables)(keras_state)
+        else:
+            values = self._each_shadow(self._arrays[1])
+        for shadow, value in zip(variables, values, strict=True):
             shadow.assign(value)
 
     def uninstall(self) -> None:
