@@ -27,6 +27,7 @@ from keras_ema.posthoc.sweep import check_mode
 from keras_ema.posthoc.sweep import checked_targets
 from keras_ema.posthoc.sweep import plot_scores
 from keras_ema.posthoc.sweep import scores_of
+from keras_ema.posthoc.writer import wait_for_folder
 from keras_ema.saving.weight_paths import same_weight
 from keras_ema.schedule import check_sigma_rel
 
@@ -50,7 +51,10 @@ class PostHocRun:
     synthesized, never mixed, in their own dtype (bfloat16 ones as float32).
 
     The run needs no model: it reads the files with NumPy and uses no Keras
-    backend state. Constructing it lists the directory and checks every
+    backend state. Constructing it first waits for the snapshots that a
+    `PostHocEMA` of this process handed to its background writer for this
+    directory (a custom loop may call `update()` and then open the run),
+    then lists the directory and checks every
     file's header and layout; the arrays are read, and their checksums
     checked, when synthesizing. Every file that cannot be used raises a
     `ValueError` naming it, as does a file of another run, another model or
@@ -89,6 +93,9 @@ class PostHocRun:
                 "`directory` must be an existing folder of post-hoc EMA "
                 f"snapshots. Received: directory={self.directory!r}"
             )
+        # A run opened by the process writing the folder (a custom loop's
+        # `update()` just handed a snapshot over) sees that snapshot too.
+        wait_for_folder(self.directory)
         self._files = read_run(self.directory)
         header = self._files[-1].header
         self._variables = header["variables"]
