@@ -220,6 +220,25 @@ def test_bad_arguments_are_refused(kwargs, name):
         posthoc.solve_coefficients(**arguments)
 
 
+def test_integral_float_arrays_of_steps_are_accepted():
+    # EDM2 passes its steps as float arrays: `np.repeat(steps, 2) * 1.0`.
+    steps = np.arange(1, 9) * 4096
+    sigma_rels = list(TRACKED) * 8
+    as_ints = posthoc.solve_coefficients(np.repeat(steps, 2), sigma_rels, 20480, 0.07)
+    for floats in (np.repeat(steps, 2) * 1.0, np.repeat(steps, 2).astype("float32")):
+        np.testing.assert_array_equal(
+            posthoc.solve_coefficients(floats, sigma_rels, 20480, 0.07), as_ints
+        )
+        assert posthoc.reconstruction_error(
+            floats, sigma_rels, 20480, 0.07
+        ) == posthoc.reconstruction_error(np.repeat(steps, 2), sigma_rels, 20480, 0.07)
+    for bad in (4096.5, np.nan, np.inf, -4096.0, 0.0):
+        floats = np.repeat(steps, 2) * 1.0
+        floats[3] = bad
+        with pytest.raises(ValueError, match=re.escape(f"in_steps[3]={bad!r}")):
+            posthoc.solve_coefficients(floats, sigma_rels, 20480, 0.07)
+
+
 @pytest.mark.parametrize(("n", "expected"), [(8, 1.3e-2), (32, 9.8e-4), (64, 2.5e-4)])
 def test_reconstruction_error_matches_published_figures(n, expected):
     steps, sigma_rels = interleaved(n)
