@@ -8,6 +8,7 @@ import math
 import os
 import pickle
 import re
+import time
 
 import keras
 import numpy as np
@@ -24,6 +25,7 @@ from oracle import sigma_rel_to_gamma_by_bisection
 
 import keras_ema
 from keras_ema import posthoc
+from keras_ema.posthoc import snapshots as snapshots_module
 from keras_ema.saving import npz_state
 
 TRACKED = (0.05, 0.10)
@@ -200,6 +202,36 @@ def test_update_outside_fit_snapshots_on_the_same_steps(tmp_path):
     assert snapshot_steps(tmp_path) == [2, 4, 5]
     for step in (2, 4, 5):
         assert_snapshot_holds(read(tmp_path, step), replay.expected[step])
+
+
+def test_a_run_opened_while_writing_sees_every_snapshot_handed_over(
+    tmp_path, monkeypatch
+):
+    # A slow disk: the snapshot of step 4 is still being written when the
+    # custom loop opens the run.
+    write = snapshots_module.write_snapshot
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.5)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(snapshots_module, "write_snapshot", slow_write)
+    model = make_model()
+    callback = keras_ema.PostHocEMA(tmp_path, snapshot_every=2, verbose=0)
+    callback.set_model(model)
+    for _ in range(4):
+        for weight in model.trainable_weights:
+            weight.assign(keras.ops.convert_to_numpy(weight.value) + 0.01)
+        callback.update()
+    run = keras_ema.PostHocRun(tmp_path)
+    assert run.steps == [2, 4]
+    # The 0.10 profile is tracked: synthesized at step 4, it is that
+    # profile's average now.
+    expected = by_path(model, callback.get_weights("sigma_0_1"))
+    synthesized = run.synthesize(0.10)
+    paths = callback.tracked_paths
+    assert_close({p: expected[p] for p in paths}, {p: synthesized[p] for p in paths})
+    callback.wait()
 
 
 def test_gradient_accumulation_snapshots_optimizer_steps(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from conftest import assert_bit_equal
 from conftest import make_model
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -218,6 +219,25 @@ def test_bad_arguments_are_refused(kwargs, name):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=name):
         posthoc.solve_coefficients(**arguments)
+
+
+def test_integral_float_arrays_of_steps_are_accepted():
+    # EDM2 passes its steps as float arrays: `np.repeat(steps, 2) * 1.0`.
+    steps = np.arange(1, 9) * 4096
+    sigma_rels = list(TRACKED) * 8
+    as_ints = posthoc.solve_coefficients(np.repeat(steps, 2), sigma_rels, 20480, 0.07)
+    for floats in (np.repeat(steps, 2) * 1.0, np.repeat(steps, 2).astype("float32")):
+        np.testing.assert_array_equal(
+            posthoc.solve_coefficients(floats, sigma_rels, 20480, 0.07), as_ints
+        )
+        assert posthoc.reconstruction_error(
+            floats, sigma_rels, 20480, 0.07
+        ) == posthoc.reconstruction_error(np.repeat(steps, 2), sigma_rels, 20480, 0.07)
+    for bad in (4096.5, np.nan, np.inf, -4096.0, 0.0):
+        floats = np.repeat(steps, 2) * 1.0
+        floats[3] = bad
+        with pytest.raises(ValueError, match=re.escape(f"in_steps[3]={bad!r}")):
+            posthoc.solve_coefficients(floats, sigma_rels, 20480, 0.07)
 
 
 @pytest.mark.parametrize(("n", "expected"), [(8, 1.3e-2), (32, 9.8e-4), (64, 2.5e-4)])
@@ -908,8 +928,165 @@ def test_synthesize_into_refuses_another_architecture(keras_session, tmp_path):
     for path, value in current_weights(extra).items():
         np.testing.assert_array_equal(value, before[path])
 
-    with pytest.raises(ValueError, match="no variable"):
+    with pytest.raises(ValueError, match=r"not in the model: \['bn/gamma'"):
         run.synthesize_into(make_model(batch_norm=False), 0.07)
+
+
+def auto_named_model():
+    """The architecture of `make_model` with Keras' automatic names, which
+    change with every model built in a process."""
+    return keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def test_synthesize_into_the_same_architecture_built_again(keras_session, tmp_path):
+    model = auto_named_model()
+    snapshot_model(model, tmp_path, strip_model_name=False)
+    run = keras_ema.PostHocRun(tmp_path)
+    auto_named_model()
+    twin = auto_named_model()
+    assert twin.weights[0].path != model.weights[0].path  # sequential_2/dense_4
+    run.synthesize_into(twin, 0.07)
+    # The snapshots hold the trainable weights, then the others, in order.
+    expected = run.synthesize(0.07)
+    order = twin.trainable_weights + twin.non_trainable_weights
+    for (path, value), variable in zip(expected.items(), order, strict=True):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(variable.value), value, err_msg=path
+        )
+
+
+def test_synthesize_into_says_what_differs(keras_session, tmp_path):
+    snapshot_model(make_model(), tmp_path, strip_model_name=False)
+    run = keras_ema.PostHocRun(tmp_path)
+
+    def net(units=8, name="net", built=True):
+        inputs = [keras.Input((6,))] if built else []
+        return keras.Sequential(
+            [
+                *inputs,
+                keras.layers.Dense(units, name="d1"),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.Dense(1, name="d2"),
+            ],
+            name=name,
+        )
+
+    refusals = [
+        (net(name="twin"), "variable 'twin/d1/kernel' is 'net/d1/kernel' in the"),
+        (
+            net(9),
+            "variable 'net/d1/kernel' has shape (6, 9) in the model but (6, 8) in the ",
+        ),
+        (net(built=False), "build the model first"),
+    ]
+    for model, message in refusals:
+        before = current_weights(model)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            run.synthesize_into(model, 0.07)
+        assert_bit_equal(before, current_weights(model))
+
+
+def test_swap_weights_holds_the_synthesized_weights_for_the_block(
+    keras_session, tmp_path
+):
+    model = make_model()
+    snapshot_model(model, tmp_path)
+    run = keras_ema.PostHocRun(tmp_path)
+    before = current_weights(model)
+    expected = run.synthesize(0.07, step=20)
+    with run.swap_weights(model, 0.07, step=20) as swapped:
+        assert swapped is model
+        inside = current_weights(model)
+        for path, value in expected.items():
+            np.testing.assert_array_equal(inside["net/" + path], value)
+    assert_bit_equal(before, current_weights(model))
+    with (
+        pytest.raises(RuntimeError, match="inside the block"),
+        run.swap_weights(model, 0.07),
+    ):
+        raise RuntimeError("inside the block")
+    assert_bit_equal(before, current_weights(model))
+
+
+def test_sweep_with_a_model_restores_it_after_each_score(keras_session, tmp_path):
+    model = make_model()
+    snapshot_model(model, tmp_path)
+    run = keras_ema.PostHocRun(tmp_path)
+    before = current_weights(model)
+    targets = [0.06, 0.07, 0.08]
+    expected = {t: run.synthesize(t) for t in targets}
+    inside = []
+
+    def evaluate(weights):
+        inside.append(current_weights(model))
+        return float(np.sum(weights["d1/kernel"]))
+
+    result = run.sweep(targets, evaluate, model=model)
+    assert result.scores == tuple(
+        float(np.sum(expected[t]["d1/kernel"])) for t in targets
+    )
+    for target, held in zip(targets, inside, strict=True):
+        for path, value in expected[target].items():
+            np.testing.assert_array_equal(held["net/" + path], value)
+    assert_bit_equal(before, current_weights(model))
+
+    def fails_second(weights):
+        if len(inside) == 4:
+            raise RuntimeError("evaluation failed")
+        inside.append(current_weights(model))
+        return 0.0
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run.sweep(targets, fails_second, model=model)
+    assert_bit_equal(before, current_weights(model))
+
+
+def numpy_mse(weights, x, y):
+    """The MSE of `make_model` (inference mode) with `weights`, in NumPy."""
+    hidden = np.maximum(x @ weights["d1/kernel"] + weights["d1/bias"], 0.0)
+    hidden = (hidden - weights["bn/moving_mean"]) / np.sqrt(
+        weights["bn/moving_variance"] + 1e-3
+    ) * weights["bn/gamma"] + weights["bn/beta"]
+    prediction = hidden @ weights["d2/kernel"] + weights["d2/bias"]
+    return float(np.mean((prediction - y) ** 2))
+
+
+def test_the_documented_val_loss_sweep_on_a_loss_only_model(keras_session, tmp_path):
+    model = make_model(compile=False)
+    model.compile(loss="mse")
+    snapshot_model(model, tmp_path)
+    rng = np.random.default_rng(3)
+    x_val = rng.normal(size=(32, 6)).astype("float32")
+    y_val = rng.normal(size=(32, 1)).astype("float32")
+    before = current_weights(model)
+    run = keras_ema.PostHocRun(tmp_path)
+
+    def val_loss(weights):
+        return model.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]
+
+    targets = [0.06, 0.08]
+    result = run.sweep(targets, val_loss, model=model)
+    expected = [numpy_mse(run.synthesize(t), x_val, y_val) for t in targets]
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4)
+    assert_bit_equal(before, current_weights(model))
+
+
+def test_sweep_warns_of_a_nan_score_naming_its_sigma_rel(three_snapshots):
+    run = posthoc.PostHocRun(three_snapshots[0])
+    scores = iter([1.0, float("nan"), 2.0])
+    with pytest.warns(UserWarning, match=r"sigma_rel=0\.08") as warned:
+        result = run.sweep([0.06, 0.08, 0.09], lambda weights: next(scores))
+    nan_warnings = [w for w in warned if "NaN" in str(w.message)]
+    assert len(nan_warnings) == 1
+    assert nan_warnings[0].filename == __file__
+    assert result.best == 0.06
 
 
 def test_model_fingerprint_depends_on_variables_not_order():

@@ -16,9 +16,10 @@ relative width `sigma_rel`, at any snapshot step.
 - `folder`: the snapshot files of a folder, checked to be of one run, and a
   run taking over its folder when it starts or resumes;
 - `coefficients`: the math: the mix of snapshots and its error;
-- `run`: `PostHocRun`, synthesis from a folder (the snapshot variables
-  paired with a model's too), with `sweep` (scores over several
-  `sigma_rel`s, and their plot).
+- `run`: `PostHocRun`, synthesis from a folder, with `sweep` (scores over
+  several `sigma_rel`s, and their plot) and `model_weights` (the snapshot
+  variables paired with a model's, and a model holding synthesized weights
+  for a block).
 
 References:
     - Karras et al., 2024, "Analyzing and Improving the Training Dynamics of

@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,7 +54,8 @@ def solve_coefficients(
     1.0
 
     Args:
-        in_steps: The step of each snapshot, positive integers.
+        in_steps: The step of each snapshot, positive integers (a NumPy
+            float array of integral values, as EDM2 passes them, too).
         in_sigma_rels: The `sigma_rel` of each snapshot, in
             `(0, 12**-0.5)`.
         out_step: The step of the target, a positive integer.
@@ -91,7 +93,8 @@ def reconstruction_error(
     >>> error = reconstruction_error(steps, [0.05, 0.10] * 8, 32768, 0.07)
 
     Args:
-        in_steps: The step of each snapshot, positive integers.
+        in_steps: The step of each snapshot, positive integers (a NumPy
+            float array of integral values too).
         in_sigma_rels: The `sigma_rel` of each snapshot, in
             `(0, 12**-0.5)`.
         out_step: The step of the target, a positive integer.
@@ -159,11 +162,17 @@ def _inner(t_a, g_a, t_b, g_b):
 
 
 def _steps(name: str, values) -> np.ndarray:
+    # EDM2 passes its steps as a float array (`np.repeat(steps, 2) * 1.0`):
+    # a NumPy float array holding integral values is taken as integers.
+    floats = isinstance(values, np.ndarray) and values.dtype.kind == "f"
     values = list(values) if not isinstance(values, np.ndarray) else values.tolist()
     if not values:
         raise ValueError(f"`{name}` must not be empty. Received: {name}={values!r}")
     for index, value in enumerate(values):
-        if not is_int(value) or value < 1:
+        integral = is_int(value) or (
+            floats and math.isfinite(value) and value.is_integer()
+        )
+        if not integral or value < 1:
             raise ValueError(
                 f"`{name}` must hold positive integers. "
                 f"Received: {name}[{index}]={value!r}"

@@ -1,16 +1,17 @@
 """`PostHocRun`: a folder of post-hoc EMA snapshots, from which it
 synthesizes the EMA of any relative width `sigma_rel` after training
-(Karras et al. 2024, EDM2), and the pairing of the snapshot variables with a
-model's for `PostHocRun.synthesize_into`. Everything here runs on the host
-with NumPy.
+(Karras et al. 2024, EDM2). Everything here runs on the host with NumPy;
+putting the weights into a model is `keras_ema.posthoc.model_weights`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,14 +21,15 @@ from keras_ema.posthoc import reader
 from keras_ema.posthoc.coefficients import reconstruction_error
 from keras_ema.posthoc.coefficients import solve_coefficients
 from keras_ema.posthoc.folder import read_run
-from keras_ema.posthoc.format import dtype_name
+from keras_ema.posthoc.model_weights import holding
+from keras_ema.posthoc.model_weights import pair_with_model
 from keras_ema.posthoc.sweep import SweepResult
 from keras_ema.posthoc.sweep import check_evaluate
 from keras_ema.posthoc.sweep import check_mode
 from keras_ema.posthoc.sweep import checked_targets
 from keras_ema.posthoc.sweep import plot_scores
 from keras_ema.posthoc.sweep import scores_of
-from keras_ema.saving.weight_paths import same_weight
+from keras_ema.posthoc.writer import wait_for_folder
 from keras_ema.schedule import check_sigma_rel
 
 
@@ -50,7 +52,10 @@ class PostHocRun:
     synthesized, never mixed, in their own dtype (bfloat16 ones as float32).
 
     The run needs no model: it reads the files with NumPy and uses no Keras
-    backend state. Constructing it lists the directory and checks every
+    backend state. Constructing it first waits for the snapshots that a
+    `PostHocEMA` of this process handed to its background writer for this
+    directory (a custom loop may call `update()` and then open the run),
+    then lists the directory and checks every
     file's header and layout; the arrays are read, and their checksums
     checked, when synthesizing. Every file that cannot be used raises a
     `ValueError` naming it, as does a file of another run, another model or
@@ -63,11 +68,11 @@ class PostHocRun:
     (0.05, 0.1)
     >>> weights = run.synthesize(0.07)  # path -> numpy array
     >>> run.synthesize_into(model, 0.07)
-    >>> def val_loss(weights):
-    ...     for variable in model.weights:
-    ...         variable.assign(weights[variable.path])
-    ...     return model.evaluate(x_val, y_val, verbose=0)[0]
-    >>> result = run.sweep([0.03, 0.05, 0.07, 0.1, 0.15], val_loss)
+    >>> with run.swap_weights(model, 0.07):  # the model's own weights after
+    ...     loss = model.evaluate(x_val, y_val, verbose=0, return_dict=True)
+    >>> def val_loss(weights):  # `model` holds `weights` during the call
+    ...     return model.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]
+    >>> result = run.sweep([0.03, 0.05, 0.07, 0.1, 0.15], val_loss, model=model)
     >>> ax = run.plot(result.sigma_rels, result.scores)
     >>> result.best in result.sigma_rels
     True
@@ -89,6 +94,9 @@ class PostHocRun:
                 "`directory` must be an existing folder of post-hoc EMA "
                 f"snapshots. Received: directory={self.directory!r}"
             )
+        # A run opened by the process writing the folder (a custom loop's
+        # `update()` just handed a snapshot over) sees that snapshot too.
+        wait_for_folder(self.directory)
         self._files = read_run(self.directory)
         header = self._files[-1].header
         self._variables = header["variables"]
@@ -182,21 +190,65 @@ class PostHocRun:
     def synthesize_into(self, model, sigma_rel: float, step: int | None = None) -> None:
         """Assigns the EMA of relative width `sigma_rel` to a Keras model.
 
-        Variables are matched by path, up to a leading model name (as
-        `keras.models.load_model` may add or drop it). Every variable of the
-        snapshots must be in the model with the same shape, and every
-        floating-point variable of the model in the snapshots; otherwise a
-        `ValueError` names the variable and nothing is assigned.
+        The snapshot variables are paired with the model's by position, as
+        Keras' `.weights.h5` files and `load_state` pair weights: the
+        averaged ones with the model's trainable floating-point variables,
+        the others (buffers) with the model's other variables, each in
+        `model.weights` order (integer variables the snapshots lack, such as
+        seed-generator states, are left as they are). Each pair must name
+        the same weight up to Keras' `_<n>` numbering of names and a leading
+        model name, so the same architecture built again in one process
+        fits, with the same shape. Otherwise a `ValueError` says what
+        differs (the variable, and its path, shape or dtype in the model and
+        in the snapshots), and nothing is assigned.
+
+        Example:
+
+        >>> run = keras_ema.PostHocRun("snapshots")
+        >>> run.synthesize_into(model, 0.07)
 
         Args:
             model: A built Keras model with the architecture of the run.
             sigma_rel: The target `sigma_rel`, in `(0, 12**-0.5)`.
             step: A snapshot step. Defaults to `None`: the last one.
         """
-        pairs = match_variables(self._variables, model, self.directory)
+        pairs = pair_with_model(self._variables, model, self.directory)
         weights = self.synthesize(sigma_rel, step)
         for path, variable in pairs:
             variable.assign(weights[path])
+
+    @contextlib.contextmanager
+    def swap_weights(
+        self, model, sigma_rel: float, step: int | None = None
+    ) -> Iterator:
+        """A context with the EMA of relative width `sigma_rel` in a model.
+
+        On entry the synthesized weights are assigned as `synthesize_into`
+        assigns them; on exit, also through an exception, the model gets its
+        own weights back, bit for bit. For scoring several `sigma_rel`s,
+        `sweep(..., model=model)` does the same for each, reading each file
+        once.
+
+        Example:
+
+        >>> run = keras_ema.PostHocRun("snapshots")
+        >>> with run.swap_weights(model, 0.07):
+        ...     loss = model.evaluate(x_val, y_val, verbose=0, return_dict=True)
+        >>> sorted(loss)
+        ['loss', 'mae']
+
+        Args:
+            model: A built Keras model with the architecture of the run.
+            sigma_rel: The target `sigma_rel`, in `(0, 12**-0.5)`.
+            step: A snapshot step. Defaults to `None`: the last one.
+
+        Yields:
+            `model`, holding the synthesized weights.
+        """
+        pairs = pair_with_model(self._variables, model, self.directory)
+        weights = self.synthesize(sigma_rel, step)
+        with holding(pairs, weights):
+            yield model
 
     def sweep(
         self,
@@ -204,22 +256,25 @@ class PostHocRun:
         evaluate: Callable[[dict], float],
         step: int | None = None,
         mode: str = "min",
+        model=None,
     ) -> SweepResult:
         """Scores the EMAs of several `sigma_rel`s, reading each file once.
 
         All targets are synthesized in one pass over the files (memory: one
         float64 copy of the averaged weights per target), then
         `evaluate(weights)` scores each, with `weights` as `synthesize`
-        returns it.
+        returns it. With `model`, the model holds each target's weights
+        while `evaluate` scores them (paired as `synthesize_into` pairs
+        them) and gets its own weights back, bit for bit, after each score,
+        also through an exception. A NaN score warns, naming its
+        `sigma_rel`; `best` leaves it out.
 
         Example:
 
         >>> run = keras_ema.PostHocRun("snapshots")
-        >>> def evaluate(weights):
-        ...     for variable in model.weights:
-        ...         variable.assign(weights[variable.path])
-        ...     return model.evaluate(x_val, y_val, verbose=0)[0]
-        >>> result = run.sweep(np.linspace(0.03, 0.2, 18), evaluate)
+        >>> def val_loss(weights):  # `model` holds `weights` during the call
+        ...     return model.evaluate(x_val, y_val, verbose=0, return_dict=True)["loss"]
+        >>> result = run.sweep(np.linspace(0.03, 0.2, 18), val_loss, model=model)
         >>> len(result.scores)
         18
 
@@ -229,6 +284,9 @@ class PostHocRun:
             step: A snapshot step. Defaults to `None`: the last one.
             mode: `"min"` if the lowest score is best, `"max"` if the
                 highest is. Defaults to `"min"`.
+            model: A built Keras model with the architecture of the run, to
+                hold each target's weights while `evaluate` runs, or `None`
+                to leave every model alone. Defaults to `None`.
 
         Returns:
             A `SweepResult` with `sigma_rels`, `scores` and `best`.
@@ -237,8 +295,15 @@ class PostHocRun:
         check_evaluate(evaluate)
         check_mode(mode)
         step = self._check_step(step)
+        hold = None
+        if model is not None:
+            pairs = pair_with_model(self._variables, model, self.directory)
+
+            def hold(weights):
+                return holding(pairs, weights)
+
         weights = self._synthesize_all(targets, step)
-        scores = scores_of(targets, weights, evaluate)
+        scores = scores_of(targets, weights, evaluate, hold)
         return SweepResult(tuple(targets), tuple(scores), mode, step)
 
     def plot(
@@ -361,49 +426,3 @@ class PostHocRun:
                             target_sums[path] += weight * value
                         else:
                             target_sums[path] = weight * value
-
-
-def match_variables(variables: list, model, directory: str) -> list:
-    """Pairs each snapshot variable (`variables`: the header's specs) with
-    the model's variable of the same path, up to a leading model name;
-    raises, naming the variable, on any mismatch.
-
-    Returns:
-        `(path, variable)` pairs, in the order of `variables`.
-    """
-    weights = list(model.weights)
-    pairs, used = [], set()
-    for spec in variables:
-        path = spec["path"]
-        exact = [v for v in weights if v.path == path]
-        found = exact or [v for v in weights if same_weight(path, v.path)]
-        if len(found) != 1:
-            problem = "no variable" if not found else "several variables"
-            raise ValueError(
-                f"`model` does not fit the snapshots in {directory!r}: it "
-                f"has {problem} matching {path!r}."
-            )
-        (variable,) = found
-        if id(variable) in used:
-            raise ValueError(
-                f"`model` does not fit the snapshots in {directory!r}: "
-                f"its variable {variable.path!r} matches several snapshot "
-                "variables."
-            )
-        used.add(id(variable))
-        if tuple(variable.shape) != tuple(spec["shape"]):
-            raise ValueError(
-                f"`model` does not fit the snapshots in {directory!r}: "
-                f"variable {variable.path!r} has shape {tuple(variable.shape)} "
-                f"but the snapshots hold {tuple(spec['shape'])}."
-            )
-        pairs.append((path, variable))
-    missing = [
-        v.path for v in weights if id(v) not in used and "float" in dtype_name(v.dtype)
-    ]
-    if missing:
-        raise ValueError(
-            f"`model` does not fit the snapshots in {directory!r}: its "
-            f"variables {missing[:10]} are not in the snapshots."
-        )
-    return pairs

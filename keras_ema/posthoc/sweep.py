@@ -4,7 +4,10 @@ one, and the plot."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Sequence
@@ -78,12 +81,19 @@ def check_evaluate(evaluate) -> None:
 
 
 def scores_of(
-    targets: list, weights: Iterable[dict], evaluate: Callable[[dict], float]
+    targets: list,
+    weights: Iterable[dict],
+    evaluate: Callable[[dict], float],
+    hold: Callable[[dict], contextlib.AbstractContextManager] | None = None,
 ) -> list[float]:
-    """`evaluate` of each target's weights, each checked to be a number."""
+    """`evaluate` of each target's weights, each checked to be a number,
+    inside `hold(weights)` if given (a model holding them); a NaN warns,
+    naming its target."""
     scores = []
     for target, target_weights in zip(targets, weights, strict=True):
-        score = evaluate(target_weights)
+        scope = contextlib.nullcontext() if hold is None else hold(target_weights)
+        with scope:
+            score = evaluate(target_weights)
         try:
             if isinstance(score, (str, bytes)):
                 raise TypeError
@@ -93,6 +103,13 @@ def scores_of(
                 "`evaluate` must return a number. Received: "
                 f"{score!r} for sigma_rel={target!r}"
             ) from None
+        if math.isnan(scores[-1]):
+            warnings.warn(
+                f"`evaluate` returned NaN for sigma_rel={target!r}: that "
+                "target is left out of `best`.",
+                # The line that called `PostHocRun.sweep`.
+                stacklevel=3,
+            )
     return scores
 
 

@@ -31,8 +31,8 @@ from keras import ops
 from keras_ema.saving.atomic import FolderNotFoundError
 from keras_ema.saving.atomic import reading
 from keras_ema.saving.atomic import write_atomically
-from keras_ema.saving.weight_paths import matches_any
-from keras_ema.saving.weight_paths import same_weight
+from keras_ema.saving.weight_paths import difference
+from keras_ema.saving.weight_paths import unpaired
 
 FORMAT = "keras-ema-state"
 VERSION = 2
@@ -138,7 +138,7 @@ def match(header: dict, arrays: list, state, path: str) -> list:
     The pairing is by position, as Keras pairs the entries of a
     `.weights.h5` file with a model's weights (by the model's structure, not
     by layer names); each pair must have the same shape and dtype, and
-    paths that `same_weight` accepts.
+    paths that `same_weight` accepts (`weight_paths.difference`).
     """
     saved_profiles = _profiles(header)
     profiles = [profile.name for profile in state.profiles]
@@ -150,31 +150,16 @@ def match(header: dict, arrays: list, state, path: str) -> list:
         )
     saved = header["variables"]
     if len(saved) != len(state.paths):
-        saved_paths = [v["path"] for v in saved]
-        missing = [p for p in state.paths if not matches_any(p, saved_paths)]
-        extra = [p for p in saved_paths if not matches_any(p, state.paths)]
+        missing, extra = unpaired([v["path"] for v in saved], state.paths)
         raise ValueError(
             f"{path!r} holds {len(saved)} EMA variables but the model has "
             f"{len(state.paths)} floating-point weights. Missing from the file: "
             f"{missing[:10]}; not in the model: {extra[:10]}."
         )
     for spec, current, shadow in zip(saved, state.paths, state.shadows, strict=True):
-        if not same_weight(spec["path"], current):
-            raise ValueError(
-                f"{path!r} does not fit this model: variable {current!r} is "
-                f"{spec['path']!r} in the file (another architecture?)."
-            )
-        if tuple(spec["shape"]) != tuple(shadow.shape):
-            raise ValueError(
-                f"{path!r} does not fit this model: variable {current!r} has "
-                f"shape {tuple(shadow.shape)} but the file holds "
-                f"{tuple(spec['shape'])}."
-            )
-        if spec["dtype"] != _dtype(shadow):
-            raise ValueError(
-                f"{path!r} does not fit this model: variable {current!r} has "
-                f"dtype {_dtype(shadow)} but the file holds {spec['dtype']}."
-            )
+        problem = difference(spec, current, shadow.shape, _dtype(shadow), "the file")
+        if problem is not None:
+            raise ValueError(f"{path!r} does not fit this model: {problem}.")
     return arrays
 
 
