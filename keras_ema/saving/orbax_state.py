@@ -21,7 +21,7 @@ holding them is committed, kept and deleted (`max_to_keep`) as one.
 `npz_state.match` checks a state file, then restores each shadow with its
 own shape and dtype (`backends.BACKEND_OPS.orbax_target`): on JAX with its
 own sharding, so that each process reads only its shards; elsewhere as a
-NumPy array. A checkpoint saved on one backend restores on the others.
+NumPy array. The state saved on one backend restores on the others.
 """
 
 from __future__ import annotations
