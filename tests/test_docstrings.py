@@ -162,8 +162,7 @@ def snapshots(tmp_path_factory) -> pathlib.Path:
 
 def _skip_without_orbax(test: doctest.DocTest) -> None:
     """`EMAOrbaxCheckpoint` needs Keras' `OrbaxCheckpoint` (Keras 3.14 and
-    later) and the `orbax-checkpoint` package, an extra that only the JAX
-    environments install."""
+    later) and the `orbax-checkpoint` package (the `orbax` extra)."""
     if not any("OrbaxCheckpoint" in example.source for example in test.examples):
         return
     if not hasattr(keras.callbacks, "OrbaxCheckpoint"):

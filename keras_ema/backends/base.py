@@ -15,6 +15,7 @@ outside `fit`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import keras
 import numpy as np
@@ -277,16 +278,24 @@ class Backend:
         every weight on the TensorFlow and torch backends."""
         return True
 
-    def require_orbax_support(self) -> None:
-        """Raises unless the EMA can ride along with Keras'
-        `OrbaxCheckpoint` on this backend."""
-        raise ValueError(
-            "keras_ema.EMA saves its state in `keras.callbacks.OrbaxCheckpoint` "
-            "checkpoints on the JAX backend only. On this backend, save it with "
-            "`keras.callbacks.BackupAndRestore` (it rides along with "
-            "`model.save_weights`) or `ema.save_state()`."
-        )
+    def orbax_value(self, variable):
+        """What an Orbax checkpoint saves of `variable`'s value: a NumPy
+        copy, as Keras' `OrbaxCheckpoint` saves the weights on TensorFlow
+        and torch (Orbax saves NumPy and JAX arrays); a copy, since a save
+        in the background outlives the step."""
+        return host_copy(variable.value)
 
     def orbax_target(self, variable):
-        """The abstract array Orbax restores `variable`'s value as."""
-        self.require_orbax_support()
+        """What Orbax restores `variable`'s value as: a NumPy array of its
+        shape and dtype, whichever backend saved it."""
+        dtype = np.dtype(keras.backend.standardize_dtype(variable.dtype))
+        return HostArrayTarget(tuple(variable.shape), dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostArrayTarget:
+    """A NumPy array to restore, for Orbax: its shape and dtype (Orbax's
+    `AbstractArray`; a `jax.ShapeDtypeStruct` restores a JAX array)."""
+
+    shape: tuple
+    dtype: np.dtype

@@ -10,15 +10,18 @@ of a state file (`npz_state.make_header`: counters, hyperparameters, profile
 names, each variable's path, shape and dtype) and one list of shadows per
 profile, in the header's order.
 
-The shadows are saved as they are laid out: under `keras.distribution` each
-process writes the shards it holds, and nothing is gathered. They are part
+The shadows are saved as Keras saves the weights there
+(`backends.BACKEND_OPS.orbax_value`): on JAX as they are laid out, so that
+under `keras.distribution` each process writes the shards it holds and
+nothing is gathered; on TensorFlow and torch as NumPy copies. They are part
 of Keras' own save (in the background when Keras' is), so the step folder
 holding them is committed, kept and deleted (`max_to_keep`) as one.
 
 `read` reads the header first and checks it against the model as
 `npz_state.match` checks a state file, then restores each shadow with its
-own shape, dtype and sharding (`backends.BACKEND_OPS.orbax_target`): each process reads
-only its shards.
+own shape and dtype (`backends.BACKEND_OPS.orbax_target`): on JAX with its
+own sharding, so that each process reads only its shards; elsewhere as a
+NumPy array. The state saved on one backend restores on the others.
 """
 
 from __future__ import annotations
@@ -51,12 +54,15 @@ def orbax_checkpoints(callbacks) -> list:
 
 def state_tree(state, hyperparameters: dict, extra: dict | None = None) -> dict:
     """The checkpointable of `state` (its variables current): the header
-    (with `extra`, as in a state file) and every profile's shadow values, as
-    they are laid out."""
+    (with `extra`, as in a state file) and every profile's shadow values
+    (`backends.BACKEND_OPS.orbax_value`)."""
     header = npz_state.make_header(state, hyperparameters, extra)
     return {
         "header": json.dumps(header),
-        "shadows": [[s.value for s in profile.shadows] for profile in state.profiles],
+        "shadows": [
+            [backends.BACKEND_OPS.orbax_value(shadow) for shadow in profile.shadows]
+            for profile in state.profiles
+        ],
     }
 
 

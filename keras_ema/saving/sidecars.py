@@ -10,7 +10,7 @@ EMA callbacks attached to the model. A restarted run with the same callbacks
 therefore resumes the EMA, its counter included, with no extra code; so does
 `ModelCheckpoint(save_weights_only=True)` followed by `load_weights`.
 
-Orbax checkpoints (`keras.callbacks.OrbaxCheckpoint`, Keras 3.14+, JAX):
+Orbax checkpoints (`keras.callbacks.OrbaxCheckpoint`, Keras 3.14+):
 `ride_along_orbax` makes each save of the `OrbaxCheckpoint`s of a `fit`
 hold the state of every EMA attached to the model (`orbax_state`'s format,
 one checkpointable per EMA, named by `orbax_state.checkpointable_name`), and
@@ -26,7 +26,6 @@ import os
 import weakref
 
 from keras_ema import _internals
-from keras_ema import backends
 from keras_ema.saving import orbax_state
 
 # model -> the EMA callbacks attached to it, in the order they were attached.
@@ -57,12 +56,10 @@ def attached(model) -> list:
 
 def ride_along_orbax(model, callbacks) -> None:
     """Makes each `OrbaxCheckpoint` among `callbacks` also save the state of
-    every EMA attached to `model`, in the same step; raises a `ValueError`
-    where this backend cannot (see `backends.BACKEND_OPS.require_orbax_support`)."""
+    every EMA attached to `model`, in the same step."""
     checkpoints = orbax_state.orbax_checkpoints(callbacks)
     if not checkpoints:
         return
-    backends.BACKEND_OPS.require_orbax_support()
     model_ref = weakref.ref(model)
 
     def checkpointables() -> dict:
