@@ -177,3 +177,30 @@ def test_two_ema_callbacks_in_one_fit_are_refused_before_any_step():
     # Each alone still trains.
     fit(model, [first], validation=False)
     assert first.step == 4
+
+
+@pytest.mark.parametrize(
+    ("schedule", "advice"),
+    [
+        (
+            keras_ema.HalfLifeSchedule(2, unit="epochs"),
+            "HalfLifeSchedule(2 * steps_per_epoch)",
+        ),
+        (
+            keras_ema.HalfLifeSchedule(256, unit="samples"),
+            "HalfLifeSchedule(256 / batch_size)",
+        ),
+        (keras_ema.CosineSchedule(0.99), "total_steps="),
+    ],
+)
+def test_update_outside_fit_with_a_length_only_fit_knows_says_what_to_give(
+    schedule, advice
+):
+    model = make_model()
+    ema = keras_ema.EMA(schedule=schedule)
+    ema.set_model(model)
+    with pytest.raises(ValueError, match=r"EMA\.update\(\)") as info:
+        ema.update()
+    message = str(info.value)
+    assert advice in message and "in_steps" not in message, message
+    assert ema.step == 0
