@@ -6,7 +6,12 @@ The rule, in one place: the EMA's step counter `t` counts the optimizer
 steps that moved the weights. A step moved them when the optimizer's own
 iteration counter advanced (a `LossScaleOptimizer`'s skipped step does not
 advance it) and, under gradient accumulation, reached a multiple of the
-accumulation steps (`optimizer_step_rule`).
+accumulation steps (`optimizer_step_rule`). Which optimizers, and whether
+each step reads their counters, is `step_rule`: Keras' own `train_step`
+applies the model's optimizer at every step; a model's own `train_step`
+may apply it on some steps only, or apply optimizers of its own (a GAN's),
+so their counters are read at every step, and a step counts when any of
+them moved the weights; with no optimizer to read, every step counts.
 
 In compiled code (device scalars): `optimizer_moved` tells a step that moved
 the weights, `counted_step` is the counter after a step, `profile_flags`
@@ -62,6 +67,50 @@ def optimizer_may_skip(optimizer) -> bool:
     return bool(accumulation) or reads_device(optimizer)
 
 
+class StepRule(NamedTuple):
+    """Which optimizers tell whether a train step moved the weights.
+
+    `optimizers`: the optimizers whose counters are followed (none: every
+    train step moved the weights). `per_step`: whether a step may leave the
+    weights as they were, so that compiled code compares the counters before
+    and after each step. `host_reads`: whether only the device knows, so
+    that the host reads the counters back after each step.
+    """
+
+    optimizers: tuple
+    per_step: bool
+    host_reads: bool
+
+
+def step_rule(model, in_train_state_only: bool = False) -> StepRule:
+    """The `StepRule` of `model`'s train step.
+
+    With Keras' own `train_step`, the model's optimizer moves the weights at
+    every step unless it may skip one (`optimizer_may_skip`). A `train_step`
+    of the model's own may apply the model's optimizer on some steps only,
+    or optimizers the model holds as attributes (a GAN's `d_optimizer` and
+    `g_optimizer`): each step reads all their counters. With
+    `in_train_state_only` (JAX, whose compiled step sees only the model's
+    optimizer in Keras' train state), a model that holds other optimizers
+    counts every step.
+    """
+    optimizer = getattr(model, "optimizer", None)
+    if type(model).train_step is keras.Model.train_step:
+        if optimizer is None:
+            return StepRule((), False, False)
+        may_skip = optimizer_may_skip(optimizer)
+        return StepRule((optimizer,), may_skip, reads_device(optimizer))
+    held = [optimizer] if optimizer is not None else []
+    for value in vars(model).values():
+        if isinstance(value, keras.optimizers.Optimizer) and not any(
+            value is known for known in held
+        ):
+            if in_train_state_only:
+                return StepRule((), False, False)
+            held.append(value)
+    return StepRule(tuple(held), bool(held), bool(held))
+
+
 def _moved_at(count: int, accumulation) -> bool:
     """Whether the optimizer step that brought its counter to `count` moved
     the weights."""
@@ -95,6 +144,29 @@ def optimizer_moved(before, after, accumulation_steps):
     moved = ops.greater(after, before)
     if accumulation_steps:
         moved = ops.logical_and(moved, ops.equal(ops.mod(after, accumulation_steps), 0))
+    return moved
+
+
+def counters_before(rule: StepRule, read) -> list | None:
+    """The counters of `rule`'s optimizers before a train step (device
+    scalars, each read with `read(variable)`), or `None` where every step
+    moves the weights."""
+    if not rule.per_step:
+        return None
+    return [read(optimizer_step_rule(o)[0]) for o in rule.optimizers]
+
+
+def any_optimizer_moved(rule: StepRule, read, before):
+    """Whether a train step moved the weights, in compiled code: any of
+    `rule`'s optimizers moved them since its counters were `before`
+    (`counters_before`); `None` where every step moves them."""
+    if before is None:
+        return None
+    moved = None
+    for optimizer, earlier in zip(rule.optimizers, before, strict=True):
+        iterations, accumulation = optimizer_step_rule(optimizer)
+        this = optimizer_moved(earlier, read(iterations), accumulation)
+        moved = this if moved is None else ops.logical_or(moved, this)
     return moved
 
 
@@ -134,35 +206,50 @@ def every_step_due(schedules: Sequence[Schedule]) -> bool:
 
 
 class OptimizerSteps:
-    """The optimizer's iteration counter mirrored on the host.
+    """The counters of a `StepRule`'s optimizers mirrored on the host.
 
-    Read once when training starts, then followed per train step. A
-    `LossScaleOptimizer` skips steps whose gradients overflow, which only the
-    device knows: with one, every step reads the counter back (a device sync
-    per step, the price of exact counting).
+    Read once when training starts, then followed per train step. Where a
+    step may leave the weights as they were without the host knowing (a
+    `LossScaleOptimizer` skips steps whose gradients overflow, a model's own
+    `train_step` may apply an optimizer on some steps only), every step
+    reads the counters back (a device sync per step, the price of exact
+    counting).
+
+    Args:
+        rule: The model's `StepRule`.
     """
 
-    def __init__(self, optimizer):
-        self.iterations, self.accumulation = optimizer_step_rule(optimizer)
-        self.reads_device = reads_device(optimizer)
+    def __init__(self, rule: StepRule):
+        counters = [optimizer_step_rule(o) for o in rule.optimizers]
+        self.iterations = [iterations for iterations, _ in counters]
+        self.accumulations = [accumulation for _, accumulation in counters]
+        self.reads_device = rule.host_reads
         self.sync()
 
     def sync(self) -> None:
-        """Re-reads the counter (`train_on_batch` may have advanced it
+        """Re-reads the counters (`train_on_batch` may have advanced them
         between two fits)."""
-        self.count = int(ops.convert_to_numpy(self.iterations.value))
+        self.counts = [int(ops.convert_to_numpy(i.value)) for i in self.iterations]
 
-    def follow(self, iterations) -> bool:
+    def follow(self, iterations=None) -> bool:
         """Follows one train step; returns whether it moved the weights,
-        given the optimizer's counter after it (a device value, read only
-        when it must be)."""
-        if self.reads_device:
-            before, self.count = self.count, int(iterations)
-            if self.count == before:
-                return False
-        else:
-            self.count += 1
-        return _moved_at(self.count, self.accumulation)
+        given the counters after it (device values, read only when they
+        must be)."""
+        if not self.iterations:
+            return True
+        if not self.reads_device:
+            self.counts = [count + 1 for count in self.counts]
+            return any(
+                _moved_at(c, a)
+                for c, a in zip(self.counts, self.accumulations, strict=True)
+            )
+        before, self.counts = self.counts, [int(value) for value in iterations]
+        return any(
+            after > earlier and _moved_at(after, accumulation)
+            for earlier, after, accumulation in zip(
+                before, self.counts, self.accumulations, strict=True
+            )
+        )
 
 
 class HostFlags(NamedTuple):
@@ -225,13 +312,15 @@ class FitSteps:
     counter at its start and the optimizer's own counter.
 
     Args:
-        optimizer: The model's optimizer.
+        model: The model `fit` trains, with its optimizer.
         step: The EMA's step counter now.
     """
 
-    def __init__(self, optimizer, step: int):
+    def __init__(self, model, step: int):
+        optimizer = model.optimizer
         self.accumulation = optimizer_step_rule(optimizer)[1]
-        self.reads_device = reads_device(optimizer)
+        # A model's own `train_step` may skip the optimizer on some steps.
+        self.reads_device = step_rule(model).host_reads
         self.start_step = step
         self.start_iterations = self.epoch_iterations = self.read(optimizer)
 
@@ -266,11 +355,11 @@ class RunSteps:
     def started(self) -> bool:
         return self.step is not None
 
-    def start(self, step: int, optimizer=None) -> None:
-        """Starts from `step`, the EMA's counter read now; with `optimizer`,
-        for a `fit`, whose steps follow the optimizer's counter."""
+    def start(self, step: int, model=None) -> None:
+        """Starts from `step`, the EMA's counter read now; with `model`, the
+        model a `fit` trains, whose steps follow its optimizer's counter."""
         self.step = step
-        self.fit = None if optimizer is None else FitSteps(optimizer, step)
+        self.fit = None if model is None else FitSteps(model, step)
 
     def stop(self) -> None:
         """Forgets the counter, to be read again at the next start."""

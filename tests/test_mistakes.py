@@ -43,7 +43,26 @@ def test_plain_model_checkpoint_monitoring_val_ema_warns_once(tmp_path):
     ema = keras_ema.EMA(**HP)
     with pytest.warns(UserWarning, match="EMAModelCheckpoint") as records:
         fit(model, [ema, checkpoint], epochs=2)
-    assert sum("EMAModelCheckpoint" in m for m in messages(records)) == 1
+    ours = [r for r in records if "EMAModelCheckpoint" in str(r.message)]
+    assert len(ours) == 1
+    # It points at the user's `fit(...)` line, not into Keras' trainer.
+    assert ours[0].filename == __file__, ours[0].filename
+
+
+def test_plain_model_checkpoint_saving_weights_only_does_not_warn(tmp_path):
+    # `save_weights` writes the EMA state beside the weights (`.ema.npz`).
+    model = make_model()
+    checkpoint = keras.callbacks.ModelCheckpoint(
+        str(tmp_path / "m.weights.h5"),
+        monitor="val_ema_loss",
+        mode="min",
+        save_weights_only=True,
+    )
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        fit(model, [keras_ema.EMA(**HP), checkpoint])
+    assert not [m for m in messages(records) if "EMAModelCheckpoint" in m]
+    assert (tmp_path / "m.weights.h5.ema.npz").exists()
 
 
 def test_ema_model_checkpoint_monitoring_val_ema_does_not_warn(tmp_path):
@@ -82,9 +101,26 @@ def test_val_ema_monitored_with_validation_split_does_not_warn():
 def test_an_ema_that_never_averaged_warns_at_the_end_of_fit():
     model = make_model()
     ema = keras_ema.EMA()  # the article's defaults: copies for 100 steps
-    with pytest.warns(UserWarning, match="update_after_step"):
+    with pytest.warns(UserWarning, match="update_after_step") as records:
         fit(model, [ema], validation=False)  # 4 steps
     assert ema.step == 4
+    ours = [r for r in records if "has not averaged" in str(r.message)]
+    assert [r.filename for r in ours] == [__file__]
+
+
+@pytest.mark.parametrize(
+    ("update_every", "advice"),
+    [(1, "train for at least 3 optimizer steps"), (3, "smaller `update_every`")],
+)
+def test_never_averaged_without_warm_up_does_not_say_lower_it(update_every, advice):
+    model = make_model()
+    ema = keras_ema.EMA(beta=0.9, update_after_step=0, update_every=update_every)
+    x, y = make_data(8)
+    with pytest.warns(UserWarning, match="has not averaged") as records:
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ema])
+    (message,) = [m for m in messages(records) if "has not averaged" in m]
+    assert "lower `update_after_step`" not in message, message
+    assert advice in message, message
 
 
 def test_an_ema_that_averaged_does_not_warn():
@@ -177,3 +213,30 @@ def test_two_ema_callbacks_in_one_fit_are_refused_before_any_step():
     # Each alone still trains.
     fit(model, [first], validation=False)
     assert first.step == 4
+
+
+@pytest.mark.parametrize(
+    ("schedule", "advice"),
+    [
+        (
+            keras_ema.HalfLifeSchedule(2, unit="epochs"),
+            "HalfLifeSchedule(2 * steps_per_epoch)",
+        ),
+        (
+            keras_ema.HalfLifeSchedule(256, unit="samples"),
+            "HalfLifeSchedule(256 / batch_size)",
+        ),
+        (keras_ema.CosineSchedule(0.99), "total_steps="),
+    ],
+)
+def test_update_outside_fit_with_a_length_only_fit_knows_says_what_to_give(
+    schedule, advice
+):
+    model = make_model()
+    ema = keras_ema.EMA(schedule=schedule)
+    ema.set_model(model)
+    with pytest.raises(ValueError, match=r"EMA\.update\(\)") as info:
+        ema.update()
+    message = str(info.value)
+    assert advice in message and "in_steps" not in message, message
+    assert ema.step == 0

@@ -766,7 +766,8 @@ def test_sweep_reads_each_file_once(three_snapshots, monkeypatch):
     load = np.load
 
     def counting_load(file, *args, **kwargs):
-        loads.append(os.path.basename(file))
+        # A path, or the file `atomic.open_npz` opened.
+        loads.append(os.path.basename(getattr(file, "name", file)))
         return load(file, *args, **kwargs)
 
     monkeypatch.setattr(np, "load", counting_load)

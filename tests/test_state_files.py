@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import stat
+import warnings
 
 import keras
 import numpy as np
@@ -313,3 +315,41 @@ def test_state_files_and_snapshots_share_one_atomic_write(tmp_path, monkeypatch)
     ema.save_state(str(tmp_path / "ema.npz"))
     keras_ema.posthoc.write_snapshot(tmp_path, 4, (0.05,), 1, {}, {}, "f", "r")
     assert synced == [False, True, False, True]
+
+
+def truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def assert_refused_without_an_open_file(read, path) -> None:
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always", ResourceWarning)
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            read()
+        gc.collect()
+    leaks = [str(r.message) for r in records if r.category is ResourceWarning]
+    assert not leaks, leaks
+
+
+def test_a_truncated_state_file_is_refused_and_closed(tmp_path):
+    model = make_auto_named_model()
+    ema = keras_ema.EMA(**HP)
+    ema.set_model(model)
+    path = tmp_path / "ema.npz"
+    ema.save_state(str(path))
+    truncate(path)
+    assert_refused_without_an_open_file(lambda: ema.load_state(str(path)), path)
+
+
+def test_a_truncated_snapshot_is_refused_and_closed(tmp_path):
+    weights = {"d/kernel": np.ones((2, 3), np.float32)}
+    keras_ema.posthoc.write_snapshot(
+        tmp_path, 4, (0.05,), 1, {"d/kernel": [weights["d/kernel"]]}, {}, "f", "r"
+    )
+    path = tmp_path / keras_ema.posthoc.snapshot_filename(4)
+    truncate(path)
+    assert_refused_without_an_open_file(
+        lambda: keras_ema.posthoc.read_snapshot(path), path
+    )
+    assert_refused_without_an_open_file(lambda: keras_ema.PostHocRun(tmp_path), path)

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from keras_ema.steps import every_step_due
-from keras_ema.steps import optimizer_may_skip
+from keras_ema.steps import step_rule
 
 
 def copy_each_weight(tracked, fresh_copy) -> list:
@@ -209,13 +209,13 @@ def ema_logs(logs, state, decays, skipped) -> dict:
     return logs
 
 
-def gated(state) -> bool:
+def gated(state, rule=None) -> bool:
     """Whether the compiled update must skip steps that update no profile:
     some profile updates only every few steps, or a step may not move the
-    weights."""
-    return not every_step_due(state.schedules) or optimizer_may_skip(
-        state.fit_model.optimizer
-    )
+    weights (`rule`: the fitted model's `steps.StepRule`, by default
+    `steps.step_rule(state.fit_model)`)."""
+    rule = step_rule(state.fit_model) if rule is None else rule
+    return not every_step_due(state.schedules) or rule.per_step
 
 
 class Backend:

@@ -32,10 +32,10 @@ from keras_ema.backends.jax_arrays import xla_guard
 from keras_ema.guard import Guard
 from keras_ema.packing import Packing
 from keras_ema.steps import HostCounters
+from keras_ema.steps import any_optimizer_moved
+from keras_ema.steps import counters_before
 from keras_ema.steps import every_step_due
-from keras_ema.steps import optimizer_may_skip
-from keras_ema.steps import optimizer_moved
-from keras_ema.steps import optimizer_step_rule
+from keras_ema.steps import step_rule
 
 
 class Engine(base.Engine):
@@ -167,9 +167,10 @@ class Engine(base.Engine):
         if keras_shardings is not None:
             ema_shardings = jax.tree.map(lambda a: a.sharding, self.arrays())
         self._hold_in_keras_state(self.averaged and self._all_held(model))
-        may_skip = optimizer_may_skip(model.optimizer)
-        if may_skip or every_step_due(self.state.schedules) or self.averaged:
-            fused_step = self._fused_step(guard, may_skip)
+        # Keras' train state holds the model's optimizer only.
+        rule = step_rule(model, in_train_state_only=True)
+        if rule.per_step or every_step_due(self.state.schedules) or self.averaged:
+            fused_step = self._fused_step(guard, rule)
             if jitted:
                 out_shardings = keras_shardings
                 if out_shardings is not None:
@@ -185,32 +186,33 @@ class Engine(base.Engine):
             )
         return self._due_steps_train_function(due_update)
 
-    def _fused_step(self, guard, may_skip: bool):
+    def _fused_step(self, guard, rule):
         """Keras' train step and the update of every profile, as one pure
         function of Keras' state, the EMA's arrays, a batch, and the steps
-        still to add to the EMA's counter. `may_skip`: whether the optimizer
-        may leave the weights as they were at a step."""
+        still to add to the EMA's counter. `rule`: the `steps.StepRule` that
+        tells whether a step moved the weights."""
         state, model = self.state, self.model
-        iterations, accumulation = optimizer_step_rule(model.optimizer)
         locate = _internals.jax_state_weights(model, state.weights)
-        iterations_of = _internals.jax_state_optimizer_variable(model, iterations)
         keras_train_step = self._with_shadows_read(model.train_step)
-        run_update = update.update_when_due if base.gated(state) else update.update_all
-        updated = self._profiles_updated(run_update, guard)
+        run = update.update_when_due if base.gated(state, rule) else update.update_all
+        updated = self._profiles_updated(run, guard)
         dtypes = self.packing.shadow_dtypes
+
+        def counter_in(keras_state):
+            """Reads an optimizer variable from Keras' state."""
+            return lambda variable: _internals.jax_state_optimizer_variable(
+                model, variable
+            )(keras_state)
 
         def fused_step(keras_state, ema, data, pending):
             if self._held:
                 ema = (ema[0], self._per_profile(read_shadows(keras_state)))
-            before = iterations_of(keras_state)
+            before = counters_before(rule, counter_in(keras_state))
             if self.averaged:
                 logs, keras_state = keras_train_step(keras_state, data, ema)
             else:
                 logs, keras_state = keras_train_step(keras_state, data)
-            stepped = None
-            if may_skip:
-                after = iterations_of(keras_state)
-                stepped = optimizer_moved(before, after, accumulation)
+            stepped = any_optimizer_moved(rule, counter_in(keras_state), before)
             counters, shadows, decays = updated(
                 ema, pending, lambda: as_stored(locate(keras_state), dtypes), stepped
             )

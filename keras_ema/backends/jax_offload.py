@@ -18,6 +18,7 @@ from keras_ema.backends import base
 from keras_ema.guard import Guard
 from keras_ema.steps import HostCounters
 from keras_ema.steps import OptimizerSteps
+from keras_ema.steps import step_rule
 
 
 class HostPlacement(base.Placement):
@@ -115,8 +116,11 @@ class HostEngine(base.Engine):
     def build_train_function(self):
         state, model = self.state, self.model
         locate = _internals.jax_state_weights(model, state.weights)
-        self._steps = steps = OptimizerSteps(model.optimizer)
-        iterations_of = _internals.jax_state_optimizer_variable(model, steps.iterations)
+        self._steps = steps = OptimizerSteps(step_rule(model, in_train_state_only=True))
+        counters_of = [
+            _internals.jax_state_optimizer_variable(model, iterations)
+            for iterations in steps.iterations
+        ]
         keras_train_step = _internals.jit_keras_train_step(model)
         steps_per_execution = model.steps_per_execution
 
@@ -124,7 +128,7 @@ class HostEngine(base.Engine):
             logs = decays = None
             for data in _internals.batches(iterator, steps_per_execution):
                 logs, keras_state = keras_train_step(keras_state, data)
-                moved = steps.follow(iterations_of(keras_state))
+                moved = steps.follow([of(keras_state) for of in counters_of])
                 decays = self.step(moved, locate(keras_state))
             logs = base.ema_logs(logs, state, decays, state.skipped.value)
             return logs, keras_state

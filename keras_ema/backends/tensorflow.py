@@ -25,9 +25,9 @@ from keras_ema.backends import base
 from keras_ema.guard import Guard
 from keras_ema.packing import Packing
 from keras_ema.sizes import BRANCH_MEAN_ELEMENTS
-from keras_ema.steps import optimizer_may_skip
-from keras_ema.steps import optimizer_moved
-from keras_ema.steps import optimizer_step_rule
+from keras_ema.steps import any_optimizer_moved
+from keras_ema.steps import counters_before
+from keras_ema.steps import step_rule
 
 # --------------------------------------------------------------------------
 # Buffers and layouts
@@ -293,17 +293,14 @@ class Engine(base.Engine):
 
     def build_train_function(self):
         state, model, packed = self.state, self.model, self.packed
-        iterations, accumulation = optimizer_step_rule(model.optimizer)
-        may_skip = optimizer_may_skip(model.optimizer)
+        rule = step_rule(model)
         keras_train_step = model.train_step
         fit_update, _ = self._fit_update()
 
         def train_step(data):
-            before = read(iterations) if may_skip else None
+            before = counters_before(rule, read)
             logs = keras_train_step(data)
-            stepped = None
-            if may_skip:
-                stepped = optimizer_moved(before, read(iterations), accumulation)
+            stepped = any_optimizer_moved(rule, read, before)
             counters, decays = fit_update(stepped)
             return base.ema_logs(logs, state, decays, counters[1])
 

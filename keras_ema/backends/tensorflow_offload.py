@@ -18,8 +18,9 @@ from keras_ema.backends.tensorflow import assign_update
 from keras_ema.backends.tensorflow import fresh_copy
 from keras_ema.backends.tensorflow import keras_train_function_around
 from keras_ema.backends.tensorflow import read
-from keras_ema.steps import optimizer_moved
-from keras_ema.steps import optimizer_step_rule
+from keras_ema.steps import any_optimizer_moved
+from keras_ema.steps import counters_before
+from keras_ema.steps import step_rule
 
 
 class HostPlacement(Placement):
@@ -78,7 +79,7 @@ class HostEngine(base.Engine):
 
     def build_train_function(self):
         state, model = self.state, self.model
-        iterations, accumulation = optimizer_step_rule(model.optimizer)
+        rule = step_rule(model)
         keras_train_step = model.train_step
         if model.jit_compile and not model.run_eagerly:
             keras_train_step = tf.function(
@@ -86,9 +87,9 @@ class HostEngine(base.Engine):
             )
 
         def train_step(data):
-            before = read(iterations)
+            before = counters_before(rule, read)
             logs = keras_train_step(data)
-            stepped = optimizer_moved(before, read(iterations), accumulation)
+            stepped = any_optimizer_moved(rule, read, before)
             counters, decays = _host_assign_update(state, stepped)
             return base.ema_logs(logs, state, decays, counters[1])
 

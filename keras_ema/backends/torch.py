@@ -29,6 +29,7 @@ from keras_ema.sizes import IN_PLACE_ELEMENTS
 from keras_ema.state import Kind
 from keras_ema.steps import HostCounters
 from keras_ema.steps import OptimizerSteps
+from keras_ema.steps import step_rule
 
 # --------------------------------------------------------------------------
 # Buffers and layouts
@@ -313,12 +314,14 @@ class Engine(base.Engine):
         state = self.state
         # With a LossScaleOptimizer the optimizer's counter is read every
         # step, but Keras' torch `cond` has already read the overflow flag on
-        # the host to skip or apply the step: no new device sync.
-        steps = OptimizerSteps(self.model.optimizer)
+        # the host to skip or apply the step: no new device sync. A model's
+        # own `train_step` costs one sync per step where its optimizers
+        # live on a GPU.
+        steps = OptimizerSteps(step_rule(self.model))
 
         def train_function(data):
             logs = keras_train_function(data)
-            decays = self.step(steps.follow(steps.iterations.value))
+            decays = self.step(steps.follow([i.value for i in steps.iterations]))
             return base.ema_logs(logs, state, decays, state.skipped.value)
 
         return train_function

@@ -25,6 +25,7 @@ from keras_ema.callback import EMA
 from keras_ema.posthoc.format import disk_usage
 from keras_ema.posthoc.format import model_fingerprint
 from keras_ema.posthoc.setup_checks import check_arguments
+from keras_ema.posthoc.setup_checks import check_counted_by_model_optimizer
 from keras_ema.posthoc.setup_checks import check_distinct_paths
 from keras_ema.posthoc.setup_checks import check_start_step
 from keras_ema.posthoc.setup_checks import check_steps_per_execution
@@ -391,10 +392,11 @@ class PostHocEMA(EMA):
                 f"model's variables. Model {model.name!r} is not built; call it "
                 "on data or `model.build(input_shape)` before `fit`."
             )
+        check_counted_by_model_optimizer(model)
         check_steps_per_execution(model, self.snapshot_every, self.params)
 
     def _start_fit_run(self) -> None:
         step = self.step
         check_start_step(self.model, step)
         self._snapshots.start(step)
-        self._steps.start(step, self.model.optimizer)
+        self._steps.start(step, self.model)

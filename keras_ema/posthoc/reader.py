@@ -110,11 +110,8 @@ def reading(path: str):
 
 
 def open_archive(path: str):
-    """`np.load` without pickle, refusing anything but an `.npz` archive."""
-    archive = np.load(path, allow_pickle=False)
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise ValueError("it is a single .npy array, not an .npz archive")
-    return archive
+    """The `.npz` archive at `path` (`atomic.open_npz`), closed on exit."""
+    return atomic.open_npz(path)
 
 
 def checked_header(archive) -> dict:

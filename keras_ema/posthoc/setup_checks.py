@@ -1,6 +1,7 @@
 """Refusals before `PostHocEMA` changes anything: its arguments, a model
 whose variables share a path, and a `steps_per_execution` under which a
-snapshot step could fall inside an execution."""
+snapshot step could fall inside an execution, and a `train_step` whose
+optimizer steps the host cannot follow from the model's optimizer."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from keras_ema.checks import check_int_at_least
 from keras_ema.posthoc.format import SNAPSHOT_DTYPES
 from keras_ema.schedule import checked_sigma_rels
-from keras_ema.steps import optimizer_may_skip
+from keras_ema.steps import step_rule
 
 
 def check_arguments(
@@ -66,19 +67,34 @@ def check_distinct_paths(model) -> None:
         )
 
 
+def check_counted_by_model_optimizer(model) -> None:
+    """Refuses a `train_step` whose steps are counted by optimizers other
+    than the model's (`steps.step_rule`): the host follows the model's."""
+    optimizer, rule = model.optimizer, step_rule(model)
+    if len(rule.optimizers) != 1 or rule.optimizers[0] is not optimizer:
+        raise ValueError(
+            "`PostHocEMA` follows the optimizer steps of the model's "
+            "optimizer, but this model's `train_step` applies optimizers of "
+            "its own (or the model has none): the snapshot steps cannot be "
+            "told on the host. Use `keras_ema.EMA`, or apply the model's "
+            "`optimizer` in `train_step`. Received: "
+            f"optimizer={optimizer}, optimizers={list(rule.optimizers)}"
+        )
+
+
 def check_steps_per_execution(model, snapshot_every: int, params: dict | None) -> None:
     """Refuses a `steps_per_execution > 1` under which a snapshot step could
     fall inside an execution; `params` are the callback's."""
+    optimizer, rule = model.optimizer, step_rule(model)
     steps_per_execution = getattr(model, "steps_per_execution", 1) or 1
     if steps_per_execution == 1:
         return
-    optimizer = model.optimizer
-    if optimizer_may_skip(optimizer):
+    if rule.per_step:
         raise ValueError(
             "`steps_per_execution` > 1 needs an optimizer that moves the "
-            "weights at every step (no gradient accumulation, no "
-            "`LossScaleOptimizer`): the snapshot steps could fall inside "
-            "an execution. Received: "
+            "weights at every step (Keras' own `train_step`, no gradient "
+            "accumulation, no `LossScaleOptimizer`): the snapshot steps "
+            "could fall inside an execution. Received: "
             f"steps_per_execution={steps_per_execution}, optimizer={optimizer}"
         )
     if snapshot_every % steps_per_execution:

@@ -2,7 +2,9 @@
 
 `write_atomically` writes a new file beside the target and moves it into
 place: a crash leaves the previous file, or none, never a partial one.
-`reading` turns any failure to read a file into a `ValueError` naming it.
+`reading` turns any failure to read a file into a `ValueError` naming it;
+`open_npz` opens an `.npz` archive without pickle and closes its file
+whatever happens.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import secrets
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import BinaryIO
+
+import numpy as np
 
 # The most temporary names tried before giving up: a clash means another
 # writer picked the same 64 random bits, so one retry all but always does.
@@ -111,6 +115,22 @@ def reading(
         raise ValueError(f"{path!r} is not {what}: {error}") from None
     except Exception as error:
         raise _damaged(path, what, damage, error) from None
+
+
+@contextlib.contextmanager
+def open_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """The `.npz` archive at `path`, read without pickle; anything else
+    (a single `.npy` array) is a `ValueError`.
+
+    The file is opened here, not by `np.load`: on a damaged zip, `np.load`
+    raises from inside `NpzFile` after opening the file and never closes it.
+    """
+    with open(path, "rb") as file:
+        archive = np.load(file, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it is a single .npy array, not an .npz archive")
+        with archive:
+            yield archive
 
 
 def _damaged(path: str, what: str, damage: str, error: Exception) -> ValueError:

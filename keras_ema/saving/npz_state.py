@@ -29,6 +29,7 @@ import numpy as np
 from keras import ops
 
 from keras_ema.saving.atomic import FolderNotFoundError
+from keras_ema.saving.atomic import open_npz
 from keras_ema.saving.atomic import reading
 from keras_ema.saving.atomic import write_atomically
 from keras_ema.saving.weight_paths import difference
@@ -99,7 +100,7 @@ def read(path: str) -> tuple[dict, list]:
     (`StateFileNotFoundError`, also a `ValueError`, if there is none)."""
     with (
         reading(path, "a valid keras_ema state file", missing=lambda: _missing(path)),
-        np.load(path, allow_pickle=False) as archive,
+        open_npz(path) as archive,
     ):
         names = set(archive.files)
         if "header" not in names:

@@ -195,10 +195,11 @@ class CosineSchedule(_PeriodicSchedule):
         if self.total_steps is None:
             raise ValueError(
                 "`total_steps` must be known for the schedule to give "
-                "weights: without it the cosine spans the steps of a `fit` "
-                "(epochs times steps per epoch), unknown outside one (the "
-                "schedule gives weights inside `fit`, or after `in_steps()`). "
-                "Received: total_steps=None"
+                "weights outside `fit` (`EMA.update()` in a custom loop): "
+                "without it the cosine spans the steps of a `fit` (epochs "
+                "times steps per epoch). Give the optimizer steps the cosine "
+                "spans, `CosineSchedule(..., total_steps=...)`, or train with "
+                "`fit`. Received: total_steps=None"
             )
 
     def weight(self, t: int) -> float:

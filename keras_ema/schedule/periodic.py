@@ -329,15 +329,24 @@ class HalfLifeSchedule(_PeriodicSchedule):
         return HalfLifeSchedule(half_life, "steps", self.update_every)
 
     def _check_in_steps(self) -> None:
-        if self.unit != "steps":
-            needed = "steps per epoch" if self.unit == "epochs" else "batch size"
-            raise ValueError(
-                '`unit` must be "steps" for the schedule to give weights: a '
-                f"half-life in {self.unit} is converted to optimizer steps with "
-                f"the {needed} of a `fit`, unknown outside one (the schedule "
-                "gives weights inside `fit`, or after `in_steps()`). "
-                f"Received: unit={self.unit!r}"
+        if self.unit == "steps":
+            return
+        if self.unit == "epochs":
+            needed, in_steps = (
+                "steps per epoch",
+                f"{self.half_life!r} * steps_per_epoch",
             )
+        else:
+            needed, in_steps = "batch size", f"{self.half_life!r} / batch_size"
+        if self.update_every != 1:
+            in_steps += f", update_every={self.update_every}"
+        raise ValueError(
+            '`unit` must be "steps" for the schedule to give weights outside '
+            f"`fit` (`EMA.update()` in a custom loop): a half-life in "
+            f"{self.unit} needs the {needed} of a `fit`. Give the half-life "
+            f"in optimizer steps, `HalfLifeSchedule({in_steps})`, or train "
+            f"with `fit`. Received: unit={self.unit!r}"
+        )
 
     def weight(self, t: int) -> float:
         self._check_in_steps()
