@@ -8,7 +8,8 @@ process with the global batch, and every worker must hold its EMA within
 - A custom loop (`strategy.run` of a step, then `ema.update()`): the
   supported route. Both workers hold the EMA of one process, halfway and
   at the end; `swap_weights()` evaluates it and gives the online weights
-  back; the state file the chief saved loads on both workers.
+  back; the state file the chief saved loads on both workers; the chief's
+  `PostHocEMA` writes the snapshots of one process.
 - Keras' `fit` with the EMA: Keras 3.15 fails under this strategy with or
   without the EMA (keras-team/keras#20585). The test is an expected
   failure only for that error; the Keras release that fixes it makes the
@@ -31,6 +32,8 @@ from conftest import make_data
 from conftest import make_model
 
 import keras_ema
+from keras_ema import posthoc
+from keras_ema.posthoc.folder import snapshot_paths
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "tensorflow",
@@ -85,7 +88,7 @@ def assert_all_close(expected: list, actual: list) -> None:
         )
 
 
-def one_process_loop():
+def one_process_loop(directory: str):
     """The custom loop on one process with the global batch: the EMA
     halfway and at the end, and the EMA model's predictions."""
     import tensorflow as tf
@@ -97,6 +100,7 @@ def one_process_loop():
     optimizer = keras.optimizers.SGD(harness.LEARNING_RATE)
     ema = keras_ema.EMA(**harness.hyperparameters())
     ema.set_model(model)
+    posthoc_ema = harness.posthoc(directory, model)
     size = harness.GLOBAL_BATCH
     half = None
     for i in range(harness.STEPS):
@@ -106,8 +110,10 @@ def one_process_loop():
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(gradients, model.trainable_variables)
         ema.update()
+        posthoc_ema.update()
         if i == harness.STEPS // 2 - 1:
             half = list(harness.shadow_arrays(ema).values())
+    posthoc_ema.wait()
     with ema.swap_weights():
         swapped = keras.ops.convert_to_numpy(model(x_val, training=False))
     return half, list(harness.shadow_arrays(ema).values()), swapped
@@ -118,7 +124,8 @@ def test_custom_loop_every_worker_holds_the_ema_of_one_process(tmp_path):
     launched = launch("loop", out)
     if launched.failures:
         pytest.fail(launched.report("The custom loop under the strategy"))
-    half, final, swapped = one_process_loop()
+    directory = os.path.join(out, "one_process_posthoc")
+    half, final, swapped = one_process_loop(directory)
     for worker, results in enumerate(worker_results(out, "loop")):
         assert results["replicas"] == harness.WORKERS
         assert results["saved_step"] == harness.STEPS // 2
@@ -139,6 +146,23 @@ def test_custom_loop_every_worker_holds_the_ema_of_one_process(tmp_path):
     ):
         for a, b in zip(saved, loaded, strict=True):
             np.testing.assert_array_equal(b, a)
+    # The chief's post-hoc snapshots.
+    steps = [harness.STEPS // 2, harness.STEPS]
+    written = os.path.join(out, "posthoc")
+    assert [step for step, _ in snapshot_paths(written)] == steps
+    assert [step for step, _ in snapshot_paths(directory)] == steps
+    for step in steps:
+        want = read_snapshot(directory, step)
+        got = read_snapshot(written, step)
+        assert got.averaged.keys() == want.averaged.keys()
+        for path in want.averaged:
+            assert_all_close(want.averaged[path], got.averaged[path])
+
+
+def read_snapshot(directory: str, step: int) -> posthoc.Snapshot:
+    return posthoc.read_snapshot(
+        os.path.join(directory, posthoc.snapshot_filename(step))
+    )
 
 
 @pytest.mark.xfail(

@@ -25,6 +25,8 @@ from conftest import make_data
 from conftest import make_model
 
 import keras_ema
+from keras_ema import posthoc
+from keras_ema.posthoc.folder import snapshot_paths
 
 pytestmark = pytest.mark.skipif(
     BACKEND != "torch", reason="torch DistributedDataParallel: the torch backend."
@@ -38,9 +40,14 @@ TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def out(tmp_path_factory):
+    """The folder the ranks write to."""
+    return str(tmp_path_factory.mktemp("torch_ddp"))
+
+
+@pytest.fixture(scope="module")
+def ranks(out):
     """Each rank's results and arrays."""
-    out = str(tmp_path_factory.mktemp("torch_ddp"))
     port = str(process_launch.free_port())
     logs = [os.path.join(out, f"rank{rank}.log") for rank in range(harness.RANKS)]
     arguments = [[str(rank), port, out] for rank in range(harness.RANKS)]
@@ -59,7 +66,7 @@ def ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tmp_path_factory):
     """The same loop on one process, with the global batch."""
     keras.utils.set_random_seed(0)
     x, y = make_data(harness.SAMPLES)
@@ -68,17 +75,20 @@ def reference():
     ema = keras_ema.EMA(**harness.hyperparameters())
     ema.set_model(model)
     teacher = ema.averaged_model()
+    directory = str(tmp_path_factory.mktemp("posthoc"))
+    posthoc = harness.posthoc(directory, model)
     arrays = {}
 
     def at_half(i: int) -> None:
         if i == harness.HALF - 1:
             arrays["half"] = harness.shadow_arrays(ema)
 
-    harness.train_loop(model, model, ema, x, y, range(harness.STEPS), at_half)
+    harness.train_loop(model, [ema, posthoc], x, y, range(harness.STEPS), at_half)
+    posthoc.wait()
     arrays["final"] = harness.shadow_arrays(ema)
     evaluated = harness.predictions(model, ema, teacher, x_val)
     assert evaluated.pop("online_back")
-    return ema.step, arrays, evaluated
+    return ema.step, arrays, evaluated, directory
 
 
 def values(arrays: dict, key: str) -> list[np.ndarray]:
@@ -103,7 +113,7 @@ def numpy_forward(shadows: list[np.ndarray], x: np.ndarray) -> np.ndarray:
 def test_every_rank_holds_the_ema_of_one_process_with_the_global_batch(
     ranks, reference
 ):
-    step, expected, _ = reference
+    step, expected, _, _ = reference
     for results, arrays in ranks:
         assert results["step"] == step == harness.STEPS
         for key in ("half", "final"):
@@ -117,7 +127,7 @@ def test_every_rank_holds_the_ema_of_one_process_with_the_global_batch(
 
 
 def test_averaged_model_and_swap_weights_evaluate_the_ema(ranks, reference):
-    _, _, expected = reference
+    _, _, expected, _ = reference
     x_val, _ = make_data(32, seed=1)
     for results, arrays in ranks:
         assert results["online_back"]
@@ -126,6 +136,26 @@ def test_averaged_model_and_swap_weights_evaluate_the_ema(ranks, reference):
             (got,) = values(arrays, key)
             np.testing.assert_allclose(got, expected[key], rtol=0, atol=TOLERANCE)
             np.testing.assert_allclose(got, oracle, rtol=1e-5, atol=1e-5)
+
+
+def read_snapshot(directory: str, step: int) -> posthoc.Snapshot:
+    return posthoc.read_snapshot(
+        os.path.join(directory, posthoc.snapshot_filename(step))
+    )
+
+
+def test_post_hoc_snapshots_of_rank_0_equal_one_process(ranks, reference, out):
+    _, _, _, directory = reference
+    written = os.path.join(out, "posthoc")
+    steps = [harness.HALF, harness.STEPS]
+    assert [step for step, _ in snapshot_paths(written)] == steps
+    assert [step for step, _ in snapshot_paths(directory)] == steps
+    for step in steps:
+        want = read_snapshot(directory, step)
+        got = read_snapshot(written, step)
+        assert got.averaged.keys() == want.averaged.keys()
+        for path in want.averaged:
+            assert_all_close(want.averaged[path], got.averaged[path])
 
 
 def test_state_saved_by_rank_0_resumes_both_ranks_as_uninterrupted(ranks):

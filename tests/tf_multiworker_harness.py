@@ -12,7 +12,8 @@ Phases:
   in Keras 3.15 with or without the EMA: keras-team/keras#20585).
 - `loop`: a custom loop, `strategy.run` of a step (`GradientTape`, then
   `optimizer.apply`), then `ema.update()`; the EMA weights evaluated
-  inside `swap_weights()`; the state saved by the chief, loaded by both.
+  inside `swap_weights()`; the state saved by the chief, loaded by both;
+  a `PostHocEMA` on the chief writes its snapshots.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def local_half(array, worker: int):
     batches = array.reshape(-1, GLOBAL_BATCH, *array.shape[1:])
     mine = batches[:, worker * local : (worker + 1) * local]
     return mine.reshape(-1, *array.shape[1:])
+
+
+def posthoc(directory: str, model):
+    """A `PostHocEMA` of `model` with a snapshot halfway and at the end."""
+    import keras_ema
+
+    callback = keras_ema.PostHocEMA(directory, snapshot_every=STEPS // 2, verbose=0)
+    callback.set_model(model)
+    return callback
 
 
 def shadow_arrays(ema) -> dict:
@@ -118,12 +128,17 @@ def run_loop(strategy, worker: int, out: str, results: dict) -> None:
         optimizer.build(model.trainable_variables)
     ema = keras_ema.EMA(**hyperparameters())
     ema.set_model(model)
+    # Post-hoc snapshots: one writer, since every worker holds the same
+    # averages.
+    averages = [ema, posthoc(os.path.join(out, "posthoc"), model)]
+    averages = averages if worker == 0 else [ema]
     train_step = train_step_function(strategy, model, optimizer)
     state_path = os.path.join(out, "loop_state.npz")
     for i in range(STEPS):
         batch = slice(i * local, (i + 1) * local)
         train_step(x_mine[batch], y_mine[batch])
-        ema.update()
+        for average in averages:
+            average.update()
         if i == STEPS // 2 - 1:
             if worker == 0:  # the chief writes; every worker reads
                 ema.save_state(state_path)
@@ -131,6 +146,8 @@ def run_loop(strategy, worker: int, out: str, results: dict) -> None:
             save(out, f"loop_half.worker{worker}.npz", shadow_arrays(ema))
     results["step"] = ema.step
     save(out, f"loop.worker{worker}.npz", shadow_arrays(ema))
+    if worker == 0:
+        averages[1].wait()
     online = [keras.ops.convert_to_numpy(w) for w in model.weights]
     with ema.swap_weights():
         swapped = model(x_val, training=False)

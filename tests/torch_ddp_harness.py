@@ -12,6 +12,7 @@ training on the global batch.
 - `train_loop` trains `STEPS` steps, each rank on its half of every global
   batch; halfway, rank 0 writes the EMA state (`save_state`) and the
   weights, and both ranks wait at a barrier;
+- rank 0 also keeps a `PostHocEMA`, whose snapshots it writes;
 - the EMA weights are evaluated by `averaged_model()` and inside
   `swap_weights()`;
 - a fresh model and EMA on each rank load the files of rank 0 and train
@@ -44,10 +45,10 @@ def local_rows(array, rank: int, ranks: int):
     return mine.reshape(-1, *array.shape[1:])
 
 
-def train_loop(model, trained, ema, x, y, steps: range, on_step=None) -> None:
+def train_loop(trained, averages, x, y, steps: range, on_step=None) -> None:
     """The guide's loop: `trained` (the DDP wrapper, or the model itself on
     one process) computes the loss and its gradients, a torch optimizer
-    steps, then the EMA updates."""
+    steps, then each of `averages` (`EMA`, `PostHocEMA`) updates."""
     import torch
 
     optimizer = torch.optim.SGD(trained.parameters(), lr=LEARNING_RATE)
@@ -59,9 +60,19 @@ def train_loop(model, trained, ema, x, y, steps: range, on_step=None) -> None:
         loss = torch.nn.functional.mse_loss(trained(inputs), targets)
         loss.backward()  # DDP averages the gradients of the ranks
         optimizer.step()
-        ema.update()
+        for average in averages:
+            average.update()
         if on_step is not None:
             on_step(i)
+
+
+def posthoc(directory: str, model):
+    """A `PostHocEMA` of `model` with a snapshot halfway and at the end."""
+    import keras_ema
+
+    callback = keras_ema.PostHocEMA(directory, snapshot_every=HALF, verbose=0)
+    callback.set_model(model)
+    return callback
 
 
 def shadow_arrays(ema) -> list:
@@ -126,7 +137,14 @@ def run(rank: int, port: int, out: str) -> dict:
         dist.barrier()
         arrays["half"] = shadow_arrays(ema)
 
-    train_loop(model, ddp_model, ema, x_mine, y_mine, range(STEPS), at_half)
+    # Post-hoc snapshots: one writer, since every rank holds the same
+    # averages.
+    averages = (
+        [ema, posthoc(os.path.join(out, "posthoc"), model)] if rank == 0 else [ema]
+    )
+    train_loop(ddp_model, averages, x_mine, y_mine, range(STEPS), at_half)
+    if rank == 0:
+        averages[1].wait()
     results["step"] = ema.step
     arrays["final"] = shadow_arrays(ema)
     evaluated = predictions(model, ema, teacher, x_val)
@@ -142,7 +160,7 @@ def run(rank: int, port: int, out: str) -> dict:
     resumed_ema.set_model(resumed)
     resumed_ema.load_state(state_path)
     results["resumed_from_step"] = resumed_ema.step
-    train_loop(resumed, ddp_resumed, resumed_ema, x_mine, y_mine, range(HALF, STEPS))
+    train_loop(ddp_resumed, [resumed_ema], x_mine, y_mine, range(HALF, STEPS))
     results["resumed_step"] = resumed_ema.step
     arrays["resumed"] = shadow_arrays(resumed_ema)
 
