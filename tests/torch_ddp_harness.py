@@ -21,6 +21,7 @@ training on the global batch.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -100,9 +101,8 @@ def predictions(model, ema, teacher, x_val) -> dict:
     return {"averaged": averaged, "swapped": swapped, "online_back": back}
 
 
-def run(rank: int, port: int, out: str) -> dict:
+def run(rank: int, port: int, out: str) -> None:
     import keras
-    import numpy as np
     import torch
     import torch.distributed as dist
     from conftest import make_data
@@ -163,24 +163,35 @@ def run(rank: int, port: int, out: str) -> dict:
     train_loop(ddp_resumed, [resumed_ema], x_mine, y_mine, range(HALF, STEPS))
     results["resumed_step"] = resumed_ema.step
     arrays["resumed"] = shadow_arrays(resumed_ema)
+    write(out, rank, results, arrays)
 
+    # DDP's wrappers are freed while the process group lives on every rank:
+    # once, with the group destroyed first and the wrappers left to a later
+    # garbage collection, rank 1 hung after writing its arrays (rank 0, the
+    # host of the group's store, had exited; the cause is not established).
+    del ddp_model, ddp_resumed
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def write(out: str, rank: int, results: dict, arrays: dict) -> None:
+    import numpy as np
+
     flat = {
         f"{key}_{i}": value
         for key, values in arrays.items()
         for i, value in enumerate(values if isinstance(values, list) else [values])
     }
     np.savez(os.path.join(out, f"rank{rank}.npz"), **flat)
-    return results
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
+        json.dump(results, file)
 
 
 def main(rank: int, port: int, out: str) -> None:
     os.environ["KERAS_BACKEND"] = "torch"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on the CPU
-    results = run(rank, port, out)
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as file:
-        json.dump(results, file)
+    run(rank, port, out)
 
 
 if __name__ == "__main__":
