@@ -29,6 +29,8 @@ from conftest import reload_state_into_fresh_ema
 from keras import ops
 
 import keras_ema
+from keras_ema import posthoc
+from keras_ema.posthoc.folder import snapshot_paths
 
 HP = dict(beta=0.9, update_after_step=3, update_every=1)
 TOLERANCE = 1e-5
@@ -411,6 +413,46 @@ def test_mirrored_strategy_update_outside_fit_and_state_round_trip(tmp_path):
     path = str(tmp_path / "ema.npz")
     fresh = reload_state_into_fresh_ema(ema, model, path, **HP)
     assert_mirrored(fresh.variables + fresh._state.counters)
+
+
+def posthoc_snapshots(directory: str, scope=contextlib.nullcontext) -> dict:
+    """Fits the conftest model (no BatchNormalization) with a `PostHocEMA`
+    built under `scope()`; returns each snapshot's averages by step."""
+    x, y = make_data(64)
+    with scope():
+        model = make_model(**NO_BN)
+        callback = keras_ema.PostHocEMA(directory, snapshot_every=3, verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=BATCH_SIZE,
+        epochs=EPOCHS,
+        shuffle=False,
+        verbose=0,
+        callbacks=[callback],
+    )
+    callback.wait()
+    return {
+        step: posthoc.read_snapshot(path).averaged
+        for step, path in snapshot_paths(directory)
+    }
+
+
+@tf_only
+def test_mirrored_strategy_posthoc_snapshots_equal_single_device(tmp_path):
+    expected = posthoc_snapshots(str(tmp_path / "one_device"))
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    strategy = mirrored_strategy()
+    snapshots = posthoc_snapshots(str(tmp_path / "mirrored"), strategy.scope)
+    steps = EPOCHS * 64 // BATCH_SIZE
+    assert list(snapshots) == list(expected) == [3, 6, steps]
+    for step, averaged in expected.items():
+        assert snapshots[step].keys() == averaged.keys()
+        for path, values in averaged.items():
+            np.testing.assert_allclose(
+                snapshots[step][path], values, rtol=0, atol=TOLERANCE, err_msg=path
+            )
 
 
 # --------------------------------------------------------------------------
