@@ -416,6 +416,16 @@ def use_variables(model, replacements: dict) -> None:
             del layer._torch_params
 
 
+def jax_hold_arrays(variables, arrays) -> None:
+    """Makes each JAX variable hold the matching array as its value, as it
+    is (`_value`): the arrays a jitted step returned, already of the
+    variable's dtype and sharding. `assign` converts and checks each value
+    first, a cost per variable that a model of many small weights pays at
+    every step."""
+    for variable, array in zip(variables, arrays, strict=True):
+        variable._value = array
+
+
 @contextlib.contextmanager
 def jax_values_while_tracing(variables, values):
     """Makes each JAX variable of `variables` read as the matching traced

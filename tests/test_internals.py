@@ -335,3 +335,13 @@ def test_jax_state_writer_writes_the_slots_of_keras_train_state():
     assert written[0][1] == "new"
     assert written[0][0] is state[0][0]
     assert written[2:] == (["optimizer"], ["metrics"])
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="JAX only.")
+def test_jax_hold_arrays_makes_the_variable_read_the_array():
+    import jax.numpy as jnp
+
+    variable = keras.Variable(jnp.zeros(3))
+    array = jnp.arange(3.0)
+    _internals.jax_hold_arrays([variable], [array])
+    assert variable.value is array

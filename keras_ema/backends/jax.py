@@ -321,8 +321,7 @@ class Engine(base.Engine):
             values = _internals.jax_state_weights(self.model, variables)(keras_state)
         else:
             values = self._each_shadow(self._arrays[1])
-        for shadow, value in zip(variables, values, strict=True):
-            shadow.assign(value)
+        _internals.jax_hold_arrays(variables, values)
 
     def uninstall(self) -> None:
         super().uninstall()
